@@ -1,0 +1,48 @@
+"""aon_func: approximated orthonormal normalisation (AON) of weights, on torch.func.
+
+AON (Zhang, Niwa, Kleijn, arXiv 1911.09445) maps a weight ``W`` to
+``h(W) = SN(P_K(W W^T) W)``, with ``P_K`` the order-``K`` Taylor polynomial of
+``(W W^T)^(-1/2)`` and SN spectral normalisation: the rows of ``h(W)`` are
+pushed towards orthonormality by an amount fixed by ``K``.
+
+Public API:
+
+- :func:`aon`: the kernel, one tensor at a time.
+- :class:`AON`: the whole-model transform (``init``/``apply``/``functional_call``),
+  and its neighbours on the same engine: :class:`Polar`, :class:`ONI`,
+  :class:`NewtonSchulz` (spectral normalisation is ``AON(order=0)``).
+- References: :func:`singular_value_map`, :func:`certified_error`,
+  :func:`polar`, :func:`orthogonality_error`.
+"""
+
+from ._kernel import DEFAULT_ORDER, STATELESS_POWER_ITERATIONS, aon
+from ._reference import certified_error, orthogonality_error, polar, singular_value_map
+from ._transform import (
+    AON,
+    GAIN_SUFFIX,
+    ONI,
+    NewtonSchulz,
+    Polar,
+    WeightTransform,
+    gain_key,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AON",
+    "DEFAULT_ORDER",
+    "GAIN_SUFFIX",
+    "ONI",
+    "STATELESS_POWER_ITERATIONS",
+    "NewtonSchulz",
+    "Polar",
+    "WeightTransform",
+    "__version__",
+    "aon",
+    "certified_error",
+    "gain_key",
+    "orthogonality_error",
+    "polar",
+    "singular_value_map",
+]

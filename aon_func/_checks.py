@@ -1,0 +1,103 @@
+"""Boundary validation shared by the kernel, the transforms and the adapter.
+
+Every check here looks only at Python values and tensor metadata (shape,
+dtype, device), never at tensor values, so it is safe to run under
+``torch.func.vmap``, ``torch.func.grad`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_eps",
+    "check_nonneg_int",
+    "check_out_axis",
+    "check_u",
+    "check_weight",
+    "compute_dtype_for",
+    "describe",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def describe(t: Tensor) -> str:
+    """``shape=(3, 4), dtype=torch.float32, device=cpu`` for error messages."""
+    return f"shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device}"
+
+
+def check_weight(weight: object, name: str = "weight") -> Tensor:
+    """A real floating tensor with ``ndim >= 2``, else ``TypeError``/``ValueError``."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), "
+            f"got {describe(weight)}"
+        )
+    if weight.ndim < 2:
+        raise ValueError(
+            f"{name} must have ndim >= 2 (output axis plus at least one input axis), "
+            f"got {describe(weight)}"
+        )
+    return weight
+
+
+def check_nonneg_int(value: object, name: str) -> int:
+    """A Python ``int`` (not ``bool``) that is ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be a non-negative int, got {value!r} ({type(value).__name__})"
+        )
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    return int(value)
+
+
+def check_eps(eps: object) -> float:
+    """A positive finite Python number."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {eps!r} ({type(eps).__name__})")
+    if not (0.0 < float(eps) < float("inf")):
+        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    return float(eps)
+
+
+def check_out_axis(out_axis: object, weight: Tensor, name: str = "weight") -> int:
+    """Normalise ``out_axis`` to ``0 <= out_axis < weight.ndim``."""
+    if isinstance(out_axis, bool) or not isinstance(out_axis, numbers.Integral):
+        raise TypeError(f"out_axis must be an int, got {out_axis!r} ({type(out_axis).__name__})")
+    nd = weight.ndim
+    if not -nd <= int(out_axis) < nd:
+        raise ValueError(
+            f"out_axis={out_axis} is out of range for {name} with {describe(weight)}: "
+            f"expected {-nd} <= out_axis < {nd}"
+        )
+    return int(out_axis) % nd
+
+
+def compute_dtype_for(dtype: torch.dtype, override: torch.dtype | None = None) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; other dtypes in themselves."""
+    if override is not None:
+        return override
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def check_u(u: object, k: int, dtype: torch.dtype, device: torch.device, name: str = "u") -> Tensor:
+    """``u`` must be a 1-D tensor of length ``k`` in the compute dtype, on the weight's device."""
+    if not isinstance(u, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(u).__name__}")
+    if u.ndim != 1 or u.shape[0] != k:
+        raise ValueError(
+            f"{name} must have shape ({k},) (k = min(rows, cols) of the weight's matrix view), "
+            f"got {describe(u)}"
+        )
+    if u.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the compute dtype), got {describe(u)}")
+    if u.device != device:
+        raise ValueError(f"{name} must be on the weight's device {device}, got {describe(u)}")
+    return u
