@@ -6,6 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ._bench import register as register_bench
+from ._experiments.cli import register as register_experiments
+
 __all__ = ["main"]
 
 
@@ -39,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="spectrum of h(W) for a random weight and K = 0, 1, 2, 4, 8")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    register_experiments(sub)
+    register_bench(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,1 @@
+"""The comparison experiments behind ``aon-func compare`` and ``aon-func train``."""
