@@ -16,6 +16,8 @@ Public API:
 """
 
 from ._kernel import DEFAULT_ORDER, STATELESS_POWER_ITERATIONS, aon
+from ._parametrize import parametrize, remove_parametrizations
+from ._penalties import soft_orthogonality_penalty, srip_penalty
 from ._reference import certified_error, orthogonality_error, polar, singular_value_map
 from ._transform import (
     AON,
@@ -43,6 +45,10 @@ __all__ = [
     "certified_error",
     "gain_key",
     "orthogonality_error",
+    "parametrize",
     "polar",
+    "remove_parametrizations",
     "singular_value_map",
+    "soft_orthogonality_penalty",
+    "srip_penalty",
 ]

@@ -81,8 +81,23 @@ def check_out_axis(out_axis: object, weight: Tensor, name: str = "weight") -> in
 
 
 def compute_dtype_for(dtype: torch.dtype, override: torch.dtype | None = None) -> torch.dtype:
-    """float16/bfloat16 are computed in float32; other dtypes in themselves."""
+    """float16/bfloat16 are computed in float32; other dtypes in themselves.
+
+    An ``override`` must be a floating dtype other than float16, whose range is
+    too narrow for the kernel: the ``eps`` clamp (1e-12) underflows to 0 and
+    ``1 / eps`` overflows, so a zero weight would give NaN.
+    """
     if override is not None:
+        if not isinstance(override, torch.dtype) or not override.is_floating_point:
+            raise TypeError(
+                f"compute_dtype must be a floating torch.dtype or None, got {override!r}"
+            )
+        if override == torch.float16:
+            raise TypeError(
+                "compute_dtype=torch.float16 is not supported (its range is too narrow for the "
+                "eps clamp and the Gram products); use torch.float32 (the default for float16 "
+                "weights) or torch.bfloat16"
+            )
         return override
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 

@@ -22,8 +22,12 @@ def _demo(args: argparse.Namespace) -> int:
     w = torch.randn(256, 512, generator=gen)
     s = torch.linalg.svdvals(w)
     kappa = float(s.max() / s.min())
-    print(f"random 256x512 weight: singular values [{s.min():.3f}, {s.max():.3f}], kappa = {kappa:.2f}")
-    print(f"{'K':>3} {'s_min(h)':>9} {'s_max(h)':>9} {'||hh^T-I||_F':>13} {'||hh^T-I||_2':>13} {'certified':>10}")
+    print(
+        f"random 256x512 weight: singular values [{s.min():.3f}, {s.max():.3f}], kappa = {kappa:.2f}"
+    )
+    print(
+        f"{'K':>3} {'s_min(h)':>9} {'s_max(h)':>9} {'||hh^T-I||_F':>13} {'||hh^T-I||_2':>13} {'certified':>10}"
+    )
     for order in (0, 1, 2, 4, 8):
         h, _ = aon(w, order=order, n_power_iterations=200)
         sh = torch.linalg.svdvals(h)

@@ -48,8 +48,9 @@ def layout_of(shape: tuple[int, ...] | torch.Size, out_axis: int) -> Layout:
 
 def to_matrix(weight: Tensor, layout: Layout) -> Tensor:
     """``weight`` -> oriented ``k x N`` matrix (a view where possible)."""
-    m = weight.shape[layout.out_axis]
-    z = torch.movedim(weight, layout.out_axis, 0).reshape(m, -1)
+    k, n = layout.matrix_shape
+    # Explicit sizes, not ``-1``: a weight with a zero-length axis has no inferable size.
+    z = torch.movedim(weight, layout.out_axis, 0).reshape((n, k) if layout.transposed else (k, n))
     return z.mT if layout.transposed else z
 
 
@@ -57,5 +58,8 @@ def from_matrix(z: Tensor, layout: Layout) -> Tensor:
     """Inverse of :func:`to_matrix`."""
     if layout.transposed:
         z = z.mT
-    moved = (layout.shape[layout.out_axis], *tuple(d for i, d in enumerate(layout.shape) if i != layout.out_axis))
+    moved = (
+        layout.shape[layout.out_axis],
+        *tuple(d for i, d in enumerate(layout.shape) if i != layout.out_axis),
+    )
     return torch.movedim(z.reshape(moved), 0, layout.out_axis)

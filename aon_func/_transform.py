@@ -59,10 +59,11 @@ Params = Mapping[str, Tensor]
 State = dict[str, Tensor]
 """Power-iteration vectors ``u`` by parameter name (empty for stateless maps)."""
 
-Include = str | Callable[[str, Tensor], bool] | Collection[str] | None
-"""Which tensors to normalise: a regular expression (``re.search`` on the
-name), a predicate ``(name, tensor) -> bool``, a collection of names, or
-``None`` for the default (floating, ``ndim >= 2``, name ending in ``weight``)."""
+Include = str | re.Pattern[str] | Callable[[str, Tensor], bool] | Collection[str] | None
+"""Which tensors to normalise: a regular expression (a string or a compiled
+pattern, ``search``-ed in the name), a predicate ``(name, tensor) -> bool``, a
+collection of names, or ``None`` for the default (floating, ``ndim >= 2``,
+name ending in ``weight``)."""
 
 Batching = Literal["auto", "vmap", "loop"]
 
@@ -77,6 +78,27 @@ MatrixFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 def gain_key(name: str) -> str:
     """The params key of the learnable gain of tensor ``name`` (``name + ':gain'``)."""
     return name + GAIN_SUFFIX
+
+
+def _check_gain(key: str, gain: object, params: Params, selected: Mapping[str, Layout]) -> None:
+    """A learnable gain must be a 0-d floating tensor on its weight's device."""
+    name = key[: -len(GAIN_SUFFIX)]
+    if name not in selected:
+        raise ValueError(f"params has gain {key!r} but {name!r} is not a normalised tensor")
+    if not isinstance(gain, Tensor):
+        raise TypeError(
+            f"params[{key!r}] must be a 0-d Tensor (a learnable gain), got {type(gain).__name__}"
+        )
+    w = params[name]
+    if gain.ndim != 0 or not gain.dtype.is_floating_point or gain.device != w.device:
+        raise ValueError(
+            f"params[{key!r}] must be a 0-d floating tensor on {w.device} (the gain of "
+            f"params[{name!r}]), got {describe(gain)}"
+        )
+
+
+def _rebuild(cls: type[_T], fields: dict[str, Any]) -> _T:
+    return cls(**fields)
 
 
 def _default_include(name: str, tensor: Tensor) -> bool:
@@ -134,13 +156,25 @@ class WeightTransform:
             )
         object.__setattr__(self, "out_axes", MappingProxyType(dict(self.out_axes)))
         include = self.include
-        if include is not None and not isinstance(include, str) and not callable(include):
+        if (
+            include is not None
+            and not isinstance(include, (str, re.Pattern))
+            and not callable(include)
+        ):
             if not isinstance(include, Collection):
                 raise TypeError(
                     "include must be None, a regular expression, a predicate (name, tensor) -> bool "
                     f"or a collection of names, got {type(include).__name__}"
                 )
             object.__setattr__(self, "include", frozenset(include))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # ``out_axes`` is a read-only ``MappingProxyType``, which cannot be
+        # pickled: rebuild from the fields, so that transforms (and modules
+        # that hold one, see ``parametrize``) pickle and deep-copy.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["out_axes"] = dict(self.out_axes)
+        return (_rebuild, (type(self), fields))
 
     # ------------------------------------------------------------------ selection
 
@@ -150,6 +184,8 @@ class WeightTransform:
             return _default_include(name, tensor)
         if isinstance(include, str):
             return re.search(include, name) is not None
+        if isinstance(include, re.Pattern):
+            return include.search(name) is not None
         if callable(include):
             return bool(include(name, tensor))
         return name in include
@@ -190,11 +226,9 @@ class WeightTransform:
                 f"include={self.include!r} selects no tensor of params (keys: {sorted(params)[:8]}...); "
                 "a transform that normalises nothing is almost surely a mistake"
             )
-        for name in params:
-            if name.endswith(GAIN_SUFFIX) and name[: -len(GAIN_SUFFIX)] not in selected:
-                raise ValueError(
-                    f"params has gain {name!r} but {name[: -len(GAIN_SUFFIX)]!r} is not normalised"
-                )
+        for name, gain in params.items():
+            if name.endswith(GAIN_SUFFIX):
+                _check_gain(name, gain, params, selected)
         return selected
 
     def _cdtype(self, tensor: Tensor) -> torch.dtype:
@@ -278,6 +312,16 @@ class WeightTransform:
     # ------------------------------------------------------------------ apply
 
     def _use_vmap(self, device: torch.device) -> bool:
+        """The batching rule: ``"auto"`` loops on the CPU and uses ``vmap`` elsewhere.
+
+        On the CPU a batched product is no faster than a loop of the same
+        products (MKL runs each at full speed already), while ``vmap`` adds
+        work: the stacking copy and its backward, and batched matrix-vector
+        products that run as ``bmm`` at a fraction of ``mv``'s speed; the
+        loop's per-call overhead is small next to a layer's products. On a
+        GPU one batched launch replaces many small ones. Measured in
+        ``docs/performance.md`` (``aon-func bench``).
+        """
         if self.batching == "auto":
             return device.type != "cpu"
         return self.batching == "vmap"
@@ -287,11 +331,19 @@ class WeightTransform:
     ) -> tuple[dict[str, Tensor], State]:
         """Normalised weights for the whole model, and the advanced state. Pure.
 
+        Selected tensors are grouped by (oriented matrix shape, dtype,
+        device); each group is stacked, mapped by the one-matrix kernel and
+        unstacked. Nothing is changed in place, and the input is checked
+        first (see :meth:`select` and :meth:`check_state`), so bad input fails
+        here with a message that names the tensor, never inside the kernel.
+
         Args:
             params: the model's raw tensors by name (plus any gain entries).
             state: from :meth:`init`; ``None`` uses the stateless mode (each
-                ``u`` from a fixed vector, iterated to convergence).
-            training: when ``False`` the state is returned unchanged.
+                ``u`` from a fixed vector, ``STATELESS_POWER_ITERATIONS``
+                iterations), whose new state is the converged vectors.
+            training: when ``False`` a given state is returned unchanged
+                (the weights are computed the same way).
 
         Returns:
             ``(weights, new_state)``: ``weights`` has every key of ``params``
@@ -321,13 +373,13 @@ class WeightTransform:
                 outs = [fn(z, u) for z, u in zip(zs, us, strict=True)]
                 hs, u_news = [o[0] for o in outs], [o[1] for o in outs]
             for n, h, u_new in zip(names, hs, u_news, strict=True):
-                w = from_matrix(h, selected[n]).to(dtype)
+                # Gains multiply in the compute dtype, before the cast back.
                 if self.gain is not None:
-                    w = w * self.gain
+                    h = h * self.gain
                 g = params.get(gain_key(n))
                 if g is not None:
-                    w = w * g
-                weights[n] = w
+                    h = h * g.to(cdtype)
+                weights[n] = from_matrix(h, selected[n]).to(dtype)
                 if self.stateful and (training or state is None):
                     new_state[n] = u_new
         return weights, new_state
@@ -386,6 +438,11 @@ class WeightTransform:
                 for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
                     if getattr(sub, pname, None) is not None:
                         names[dot + pname] = 0
+        if "include" in options:
+            raise TypeError(
+                "for_module chooses include itself; pass exclude=[names] to leave weights out, "
+                "or construct the transform directly to choose include"
+            )
         exclude = set(exclude)
         unknown = sorted(exclude - set(names))
         if unknown:
@@ -457,6 +514,10 @@ class AON(WeightTransform):
         estimate of a freshly initialised layer to be within about 1e-3 of
         ``s_max``, so the first training steps already see unit spectral
         norm). ``params`` is not modified.
+
+        For an ensemble (parameters stacked on a leading axis), ``vmap`` of
+        ``init`` is not possible (random draws under ``vmap``): init each
+        member's parameters and stack the states, see ``docs/usage.md``.
         """
         selected = self.select(params)
         state: State = {}
@@ -469,7 +530,7 @@ class AON(WeightTransform):
                     k,
                     generator=generator,
                     dtype=cdtype,
-                    device=generator.device if generator else w.device,
+                    device=generator.device if generator is not None else w.device,
                 )
                 u = (u / u.norm().clamp_min(self.eps)).to(w.device)
                 z = to_matrix(w.detach(), layout).to(cdtype)

@@ -1,0 +1,283 @@
+"""``aon-func bench``: the performance suite (see ``docs/performance.md``).
+
+Every figure is a ratio measured side by side in one process: the callables
+of a table run in interleaved rounds after warm-up, and a ratio is the median
+over rounds of the two times of the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from ._models import MODELS, STEP_MODELS
+from ._suite import BenchConfig, bench_apply, bench_memory, bench_neighbours, bench_step
+from ._timing import machine
+
+__all__ = ["register", "run_bench"]
+
+DEFAULT_MODELS = ("mlp", "resnet18", "resnet50", "vit_s16")
+DEFAULT_STEPS = ("resnet18", "mnist1d_mlp")
+SECTIONS = ("apply", "neighbours", "memory", "step")
+MEMORY_ORDERS = (1, 2, 4)
+
+TARGETS = {
+    "fwd_over_roofline": 1.3,
+    "fwd_over_kernel_loop": 1.0,
+    "fwd+bwd_over_roofline": 1.5,
+    "step_overhead": 1.35,
+    "memory_over_params": 4.0,
+}
+"""Targets on the CPU, float32, ``K = 2``, ResNet-18 shapes (the performance issue)."""
+
+
+def _names(value: str, known: dict[str, Any]) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known and n != "none"]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown names {unknown}; choose from {sorted(known)}")
+    return [n for n in names if n != "none"]
+
+
+def _devices(choice: str) -> list[torch.device]:
+    if choice == "all":
+        return [torch.device("cpu")] + (
+            [torch.device("cuda")] if torch.cuda.is_available() else []
+        )
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("aon-func bench: --device cuda, but CUDA is not available")
+    return [torch.device(choice)]
+
+
+def register(sub: Any) -> None:
+    """Add ``bench`` to the ``aon-func`` parser."""
+    p = sub.add_parser(
+        "bench",
+        help="performance suite: AON.apply vs loop/compile/neighbours/roofline, memory, step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        type=lambda v: _names(v, MODELS),
+        default=list(DEFAULT_MODELS),
+        help=f"weight-shape sets, comma-separated, from {sorted(MODELS)} or 'none' "
+        f"(default: {','.join(DEFAULT_MODELS)})",
+    )
+    p.add_argument(
+        "--steps",
+        type=lambda v: _names(v, STEP_MODELS),
+        default=list(DEFAULT_STEPS),
+        help=f"training-step benchmarks from {sorted(STEP_MODELS)} or 'none' "
+        f"(default: {','.join(DEFAULT_STEPS)})",
+    )
+    p.add_argument(
+        "--sections",
+        type=lambda v: _names(v, dict.fromkeys(SECTIONS)),
+        default=list(SECTIONS),
+        help=f"what to measure, from {list(SECTIONS)} (default: all)",
+    )
+    p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    p.add_argument("--order", type=int, default=2, help="Taylor order K (default: 2)")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds (default: 9)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=40.0,
+        help="seconds per table after which rounds stop (at least 3 rounds; default: 40)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: the process's CPU time, which with "
+        "--threads 1 is robust to other load on a shared machine",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: --models tiny --steps tiny --repeats 3 --warmup 1 --no-compile, "
+        "memory and neighbours included",
+    )
+    p.add_argument(
+        "--json",
+        default="aon-func-bench.json",
+        help="where to write the results (default: aon-func-bench.json; '' to skip)",
+    )
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.models, args.steps = ["tiny"], ["tiny"]
+        args.repeats, args.warmup, args.no_compile = 3, 1, True
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(
+        order=args.order,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        budget_s=args.budget,
+        compile=not args.no_compile,
+        dtype=torch.float32,
+        clock=args.clock,
+    )
+    results = run_bench(
+        devices=_devices(args.device),
+        models=args.models,
+        steps=args.steps,
+        sections=args.sections,
+        cfg=cfg,
+        log=print,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def run_bench(
+    *,
+    devices: list[torch.device],
+    models: list[str],
+    steps: list[str],
+    sections: list[str],
+    cfg: BenchConfig,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run the suite and return the JSON-able results; ``log`` receives the tables."""
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "aon-func bench",
+        "config": {
+            "order": cfg.order,
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "budget_s": cfg.budget_s,
+            "compile": cfg.compile,
+            "dtype": str(cfg.dtype),
+            "clock": cfg.clock,
+            "models": models,
+            "steps": steps,
+            "sections": sections,
+        },
+        "targets": TARGETS,
+        "devices": {},
+    }
+    for device in devices:
+        res: dict[str, Any] = {
+            "machine": machine(device),
+            "apply": {},
+            "neighbours": {},
+            "memory": {},
+            "step": {},
+        }
+        results["devices"][str(device)] = res
+        m = res["machine"]
+        log(
+            f"\n=== {device}: {m.get('cuda_device', m['cpu'])}, torch {m['torch']}, "
+            f"{m['torch_num_threads']} threads, float32, K = {cfg.order} ==="
+        )
+        for name in models:
+            if "apply" in sections:
+                r = bench_apply(name, device, cfg)
+                res["apply"][name] = r
+                log(_apply_table(name, r))
+            if "neighbours" in sections:
+                r = bench_neighbours(name, device, cfg)
+                res["neighbours"][name] = r
+                log(_neighbour_table(name, r, cfg.order))
+            if "memory" in sections:
+                r = bench_memory(name, device, cfg, MEMORY_ORDERS)
+                res["memory"][name] = r
+                log(_memory_table(name, r))
+        if "step" in sections:
+            for name in steps:
+                r = bench_step(name, device, cfg)
+                res["step"][name] = r
+                log(
+                    f"\nstep  {r['model']}: plain {r['plain_ms']:.1f} ms, AON {r['aon_ms']:.1f} ms, "
+                    f"overhead x{r['overhead']:.2f} ({r['rounds']} rounds, spread {r['spread']:.0%})"
+                )
+        res["targets"] = _targets(res, cfg)
+        if res["targets"]:
+            log("\ntargets (ResNet-18 shapes, CPU, float32, K = 2):")
+            for key, v in res["targets"].items():
+                log(f"  {key:<24} {v['value']:>6.2f}  target <= {v['target']:<5} {'met' if v['met'] else 'MISSED'}")
+    results["elapsed_s"] = time.perf_counter() - started
+    log(f"\nelapsed {results['elapsed_s']:.0f} s")
+    return results
+
+
+def _apply_table(name: str, r: dict[str, Any]) -> str:
+    g = r["roofline_gflop"]
+    lines = [
+        f"\napply  {r['model']}: {r['n_matrices']} matrices in {r['n_groups']} shape groups, "
+        f"auto = {r['auto']}, {r['rounds']} rounds; roofline {g['fwd']:.2f} / {g['fwd+bwd']:.2f} GFLOP"
+        + (f"; compile {r['compile_s']:.0f} s" if r["compile_s"] is not None else ""),
+        f"  {'':<14}{'fwd ms':>9}{'/roofline':>10}{'/loop':>7}{'fwd+bwd ms':>12}{'/roofline':>10}{'/loop':>7}",
+    ]
+    for key, row in r["rows"].items():
+        f, b = row["fwd"], row["fwd+bwd"]
+        lines.append(
+            f"  {key:<14}{f['ms']:>9.2f}{f['over_roofline']:>10.2f}{f['over_kernel_loop']:>7.2f}"
+            f"{b['ms']:>12.2f}{b['over_roofline']:>10.2f}{b['over_kernel_loop']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _neighbour_table(name: str, r: dict[str, Any], order: int) -> str:
+    lines = [
+        f"\nneighbours  {r['model']}: {r['rounds']} rounds, ratios over AON K={order}",
+        f"  {'':<26}{'fwd ms':>10}{'/AON':>7}{'fwd+bwd ms':>12}{'/AON':>7}",
+    ]
+    for key, row in r["rows"].items():
+        f, b = row["fwd"], row["fwd+bwd"]
+        lines.append(
+            f"  {key:<26}{f['ms']:>10.2f}{f['over_aon']:>7.2f}{b['ms']:>12.2f}{b['over_aon']:>7.2f}"
+        )
+    for key, why in r["skipped"].items():
+        lines.append(f"  {key:<26} skipped: {why}")
+    return "\n".join(lines)
+
+
+def _memory_table(name: str, r: dict[str, Any]) -> str:
+    cells = ", ".join(f"{k} x{v['over_params']:.2f}" for k, v in r["rows"].items())
+    return f"\nmemory  peak extra of fwd+bwd over the weights' {r['param_bytes'] / 2**20:.1f} MiB: {cells}"
+
+
+def _targets(res: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    a = res["apply"].get("resnet18")
+    if a is not None:
+        auto = a["rows"][a["auto"]]
+        vals = {
+            "fwd_over_roofline": auto["fwd"]["over_roofline"],
+            "fwd_over_kernel_loop": auto["fwd"]["over_kernel_loop"],
+            "fwd+bwd_over_roofline": auto["fwd+bwd"]["over_roofline"],
+        }
+        out.update({k: {"value": v, "target": TARGETS[k], "met": v <= TARGETS[k]} for k, v in vals.items()})
+    s = res["step"].get("resnet18")
+    if s is not None:
+        v = s["overhead"]
+        out["step_overhead"] = {"value": v, "target": TARGETS["step_overhead"], "met": v <= TARGETS["step_overhead"]}
+    mem = res["memory"].get("resnet18")
+    if mem is not None:
+        v = max(row["over_params"] for row in mem["rows"].values())
+        out["memory_over_params"] = {
+            "value": v,
+            "target": TARGETS["memory_over_params"],
+            "met": v <= TARGETS["memory_over_params"],
+        }
+    if out and cfg.order != 2:
+        for v in out.values():
+            v["note"] = f"measured at K = {cfg.order}; the targets are for K = 2"
+    return out

@@ -1,0 +1,360 @@
+"""The measurements of ``aon-func bench``: apply, neighbours, roofline, memory, training step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .._kernel import aon
+from .._layout import Layout, to_matrix
+from .._transform import AON, ONI, NewtonSchulz, Polar, State, WeightTransform
+from ._models import MODELS, STEP_MODELS
+from ._timing import Timings, peak_extra_bytes, time_interleaved
+
+__all__ = [
+    "BenchConfig",
+    "bench_apply",
+    "bench_memory",
+    "bench_neighbours",
+    "bench_step",
+    "roofline_products",
+]
+
+
+class BenchConfig(NamedTuple):
+    """Options shared by every measurement."""
+
+    order: int
+    repeats: int
+    warmup: int
+    budget_s: float
+    compile: bool
+    dtype: torch.dtype
+    clock: str = "wall"
+
+
+Fn = Callable[[], object]
+
+
+def _model_params(
+    name: str, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], dict[str, int], dict[str, Layout]]:
+    """The weights ``AON.for_module`` selects in model ``name``, as leaves that require grad."""
+    torch.manual_seed(0)
+    module = MODELS[name].build()
+    probe = AON.for_module(module)
+    named = dict(module.named_parameters())
+    params = {
+        n: named[n].detach().to(device=device, dtype=dtype).requires_grad_()
+        for n in sorted(probe.include)  # type: ignore[arg-type]
+    }
+    out_axes = dict(probe.out_axes)
+    layouts = probe.select(params)
+    return params, out_axes, layouts
+
+
+def _fwd_bwd(forward: Callable[[], Sequence[Tensor]], inputs: Sequence[Tensor]) -> Fn:
+    """Forward, then the vector-Jacobian product with fixed cotangents (no ``.grad`` accumulation)."""
+    cotangents: list[Tensor] = []
+
+    def run() -> object:
+        outs = forward()
+        if not cotangents:
+            gen = torch.Generator(device=outs[0].device).manual_seed(1)
+            cotangents.extend(
+                torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device) for o in outs
+            )
+        return torch.autograd.grad(outs, inputs, cotangents)
+
+    return run
+
+
+def _weights_of(tr: WeightTransform | Callable[..., Any], params: dict[str, Tensor], state: State) -> Callable[[], list[Tensor]]:
+    apply = tr.apply if isinstance(tr, WeightTransform) else tr
+
+    def forward() -> list[Tensor]:
+        weights, _ = apply(params, state)
+        return [weights[n] for n in params]
+
+    return forward
+
+
+def roofline_products(
+    layouts: dict[str, Layout], order: int, *, backward: bool
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Operand shapes of the matrix products AON issues, batched per group of equal shapes.
+
+    Forward, per ``k x N`` matrix: the Gram ``Z Z^T`` (``k x N @ N x k``),
+    ``K - 1`` Horner products (``k x k @ k x k``) and the final ``P Z``
+    (``k x k @ k x N``). With ``backward``, each forward product ``A @ B``
+    adds the two of its vector-Jacobian product, ``dC @ B^T`` and
+    ``A^T @ dC`` (same FLOPs), except the Gram, whose symmetric backward
+    ``(dG + dG^T) Z`` is one product. The power iteration's matrix-vector
+    products are left out (``O(kN)``, bandwidth-bound).
+    """
+    counts: dict[tuple[int, int], int] = {}
+    for layout in layouts.values():
+        shape = layout.matrix_shape
+        counts[shape] = counts.get(shape, 0) + 1
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for (k, n), c in counts.items():
+        b = (c,) if c > 1 else ()
+        fwd = [((k, n), (n, k))] + [((k, k), (k, k))] * (order - 1) + [((k, k), (k, n))]
+        prods = list(fwd)
+        if backward:
+            prods.append(((k, k), (k, n)))  # Gram: (dG + dG^T) @ Z
+            for a, bb in fwd[1:]:
+                prods.append(((a[0], bb[1]), (bb[1], bb[0])))  # dC @ B^T
+                prods.append(((a[1], a[0]), (a[0], bb[1])))  # A^T @ dC
+        out.extend(((*b, *x), (*b, *y)) for x, y in prods)
+    return out
+
+
+def _roofline_fn(
+    products: list[tuple[tuple[int, ...], tuple[int, ...]]], device: torch.device, dtype: torch.dtype
+) -> Fn:
+    gen = torch.Generator(device=device).manual_seed(2)
+    ops = [
+        (
+            torch.randn(a, generator=gen, device=device, dtype=dtype),
+            torch.randn(b, generator=gen, device=device, dtype=dtype),
+        )
+        for a, b in products
+    ]
+
+    def run() -> object:
+        return [torch.matmul(a, b) for a, b in ops]
+
+    return run
+
+
+def _flops(products: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> float:
+    total = 0.0
+    for a, b in products:
+        batch = a[0] if len(a) == 3 else 1
+        total += 2.0 * batch * a[-2] * a[-1] * b[-1]
+    return total
+
+
+def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
+    """(a) and (c): ``AON.apply`` batched, looped, per-layer kernel loop, compiled; roofline."""
+    params, out_axes, layouts = _model_params(name, device, cfg.dtype)
+    include = frozenset(params)
+    trs = {
+        b: AON(include=include, out_axes=out_axes, order=cfg.order, batching=b)
+        for b in ("vmap", "loop", "auto")
+    }
+    state = trs["auto"].init(params, generator=torch.Generator(device=device).manual_seed(0))
+    inputs = list(params.values())
+    names = list(params)
+    order = cfg.order
+
+    def kernel_loop() -> list[Tensor]:
+        return [
+            aon(params[n], state[n], order=order, out_axis=out_axes.get(n, 0))[0] for n in names
+        ]
+
+    forwards: dict[str, Callable[[], Sequence[Tensor]]] = {
+        "apply vmap": _weights_of(trs["vmap"], params, state),
+        "apply loop": _weights_of(trs["loop"], params, state),
+        "kernel loop": kernel_loop,
+    }
+    compile_s = None
+    if cfg.compile:
+        compiled = torch.compile(trs["auto"].apply)
+        forwards["compiled"] = _weights_of(compiled, params, state)
+        t0 = time.perf_counter()
+        _fwd_bwd(forwards["compiled"], inputs)()
+        compile_s = time.perf_counter() - t0
+    fns: dict[str, Fn] = {}
+    for key, fwd in forwards.items():
+        fns[f"{key}/fwd"] = fwd
+        fns[f"{key}/fwd+bwd"] = _fwd_bwd(fwd, inputs)
+    prods = {
+        mode: roofline_products(layouts, order, backward=mode == "fwd+bwd")
+        for mode in ("fwd", "fwd+bwd")
+    }
+    for mode, p in prods.items():
+        fns[f"roofline/{mode}"] = _roofline_fn(p, device, cfg.dtype)
+    t = time_interleaved(
+        fns, device, repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s, clock=cfg.clock
+    )
+    auto = "apply vmap" if trs["auto"]._use_vmap(device) else "apply loop"
+    rows: dict[str, Any] = {}
+    for key in (*forwards, "roofline"):
+        rows[key] = {}
+        for mode in ("fwd", "fwd+bwd"):
+            rows[key][mode] = {
+                "ms": 1e3 * t.median(f"{key}/{mode}"),
+                "over_roofline": t.ratio(f"{key}/{mode}", f"roofline/{mode}"),
+                "over_kernel_loop": t.ratio(f"{key}/{mode}", f"kernel loop/{mode}"),
+                "spread": t.spread(f"{key}/{mode}"),
+            }
+    return {
+        "model": MODELS[name].description,
+        "n_matrices": len(params),
+        "n_groups": len({lay.matrix_shape for lay in layouts.values()}),
+        "param_bytes": sum(p.numel() * p.element_size() for p in inputs),
+        "order": order,
+        "auto": auto,
+        "rounds": len(t.rounds),
+        "compile_s": compile_s,
+        "roofline_gflop": {m: _flops(p) / 1e9 for m, p in prods.items()},
+        "rows": rows,
+    }
+
+
+def _holders(
+    params: dict[str, Tensor], layouts: dict[str, Layout], register: Callable[[nn.Module], object]
+) -> tuple[list[nn.Module], list[Tensor]]:
+    """One module per weight, holding its ``d_out x rest`` matrix, with a parametrization."""
+    mods: list[nn.Module] = []
+    for n, w in params.items():
+        m = nn.Module()
+        z = to_matrix(w.detach(), layouts[n])
+        if layouts[n].transposed:
+            z = z.mT
+        m.weight = nn.Parameter(z.contiguous().clone())
+        register(m)
+        mods.append(m)
+    inputs = [p for m in mods for p in m.parameters()]
+    return mods, inputs
+
+
+def bench_neighbours(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
+    """(b): the same work by AON's neighbours, side by side with AON."""
+    params, out_axes, layouts = _model_params(name, device, cfg.dtype)
+    include = frozenset(params)
+    inputs = list(params.values())
+    common: dict[str, Any] = {"include": include, "out_axes": out_axes}
+    aon_tr = AON(order=cfg.order, **common)
+    state = aon_tr.init(params, generator=torch.Generator(device=device).manual_seed(0))
+    forwards: dict[str, tuple[Callable[[], Sequence[Tensor]], list[Tensor]]] = {
+        f"AON K={cfg.order}": (_weights_of(aon_tr, params, state), inputs),
+        "SN (AON K=0)": (_weights_of(AON(order=0, **common), params, state), inputs),
+        "polar (SVD)": (_weights_of(Polar(**common), params, {}), inputs),
+        "ONI (5 Newton steps)": (_weights_of(ONI(iterations=5, **common), params, {}), inputs),
+        "Newton-Schulz (5 steps)": (
+            _weights_of(NewtonSchulz(steps=5, **common), params, {}),
+            inputs,
+        ),
+    }
+    skipped: dict[str, str] = {}
+    parametrizations = nn.utils.parametrizations
+
+    def holder_forward(mods: list[nn.Module]) -> Callable[[], list[Tensor]]:
+        return lambda: [m.weight for m in mods]
+
+    registrations: dict[str, Callable[[nn.Module], object]] = {
+        "torch spectral_norm": lambda m: parametrizations.spectral_norm(m),
+        "torch orthogonal": lambda m: parametrizations.orthogonal(m),
+    }
+    try:
+        import geotorch
+
+        registrations["geotorch orthogonal"] = lambda m: geotorch.orthogonal(m, "weight")
+    except ImportError:
+        skipped["geotorch orthogonal"] = "geotorch is not installed (pip install 'aon-func[bench]')"
+    for key, register in registrations.items():
+        mods, hold_inputs = _holders(params, layouts, register)
+        forwards[key] = (holder_forward(mods), hold_inputs)
+    fns: dict[str, Fn] = {}
+    for key, (fwd, ins) in forwards.items():
+        fns[f"{key}/fwd"] = fwd
+        fns[f"{key}/fwd+bwd"] = _fwd_bwd(fwd, ins)
+    t = time_interleaved(
+        fns, device, repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s, clock=cfg.clock
+    )
+    ref = f"AON K={cfg.order}"
+    rows = {
+        key: {
+            mode: {
+                "ms": 1e3 * t.median(f"{key}/{mode}"),
+                "over_aon": t.ratio(f"{key}/{mode}", f"{ref}/{mode}"),
+                "spread": t.spread(f"{key}/{mode}"),
+            }
+            for mode in ("fwd", "fwd+bwd")
+        }
+        for key in forwards
+    }
+    return {"model": MODELS[name].description, "rounds": len(t.rounds), "rows": rows, "skipped": skipped}
+
+
+def bench_memory(
+    name: str, device: torch.device, cfg: BenchConfig, orders: Sequence[int]
+) -> dict[str, Any]:
+    """(3): peak extra memory of forward+backward through ``apply``, over the weights' bytes."""
+    params, out_axes, _ = _model_params(name, device, cfg.dtype)
+    inputs = list(params.values())
+    param_bytes = sum(p.numel() * p.element_size() for p in inputs)
+    out: dict[str, Any] = {"param_bytes": param_bytes, "rows": {}}
+    for k in orders:
+        for batching in ("vmap", "loop"):
+            tr = AON(include=frozenset(params), out_axes=out_axes, order=k, batching=batching)
+            state = tr.init(params)
+            run = _fwd_bwd(_weights_of(tr, params, state), inputs)
+            run()  # cotangents allocated outside the measured call
+            peak = peak_extra_bytes(run, device)
+            out["rows"][f"K={k} {batching}"] = {"peak_bytes": peak, "over_params": peak / param_bytes}
+    return out
+
+
+def bench_step(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
+    """(d): training-step time with AON on every linear map over the step without it."""
+    spec = STEP_MODELS[name]
+    torch.manual_seed(0)
+    model = spec.build().to(device=device, dtype=cfg.dtype).train()
+    buffers = dict(model.named_buffers())
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn((spec.batch, *spec.input_shape), generator=gen, device=device, dtype=cfg.dtype)
+    y = torch.randint(0, spec.n_classes, (spec.batch,), generator=gen, device=device)
+    tr = AON.for_module(model, order=cfg.order)
+
+    def fresh() -> tuple[dict[str, Tensor], torch.optim.Optimizer]:
+        ps = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        opt: torch.optim.Optimizer
+        if spec.optimizer == "adam":
+            opt = torch.optim.Adam(ps.values(), lr=1e-3)
+        else:
+            opt = torch.optim.SGD(ps.values(), lr=1e-2, momentum=0.9)
+        return ps, opt
+
+    plain_params, plain_opt = fresh()
+    aon_params, aon_opt = fresh()
+    state = [tr.init(aon_params)]
+
+    def step_plain() -> object:
+        out = torch.func.functional_call(model, {**buffers, **plain_params}, (x,))
+        nn.functional.cross_entropy(out, y).backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        return None
+
+    def step_aon() -> object:
+        out, state[0] = tr.functional_call(model, aon_params, state[0], x)
+        nn.functional.cross_entropy(out, y).backward()
+        aon_opt.step()
+        aon_opt.zero_grad(set_to_none=True)
+        return None
+
+    t: Timings = time_interleaved(
+        {"plain": step_plain, "aon": step_aon},
+        device,
+        repeats=cfg.repeats,
+        warmup=cfg.warmup,
+        budget_s=cfg.budget_s,
+        clock=cfg.clock,
+    )
+    return {
+        "model": spec.description,
+        "order": cfg.order,
+        "rounds": len(t.rounds),
+        "plain_ms": 1e3 * t.median("plain"),
+        "aon_ms": 1e3 * t.median("aon"),
+        "overhead": t.ratio("aon", "plain"),
+        "spread": max(t.spread("plain"), t.spread("aon")),
+    }

@@ -1,0 +1,143 @@
+"""The models of the comparison. Every classifier's last layer is called ``head``.
+
+- ``mlp``: ``in-100-100-classes`` with ReLU (MNIST-1D's baseline MLP, Greydanus
+  2020: 40-100-100-10); images are flattened.
+- ``cnn``: for MNIST-1D, the baseline 1-D CNN of Greydanus 2020 (three
+  stride-2 convolutions with 25 channels, then a linear classifier); for
+  images, two 3x3 convolution + max-pool stages, a 100-unit hidden layer and
+  the classifier.
+- ``resnet``: a small ResNet for images (CIFAR-10): a 3x3 stem and three
+  stages of one basic block each (16, 32, 64 channels), GroupNorm instead of
+  BatchNorm (no running statistics, so the functional training stays pure),
+  global average pooling and the classifier.
+
+No model has BatchNorm: batch statistics would be mutable state outside the
+functional parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "build_model", "default_model"]
+
+MODELS = ("mlp", "cnn", "resnet")
+
+
+class MLP(nn.Module):
+    """``in - hidden - hidden - classes`` with ReLU."""
+
+    def __init__(self, in_features: int, n_classes: int, hidden: int = 100) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class CNN1d(nn.Module):
+    """MNIST-1D's baseline CNN (Greydanus 2020): 3 conv layers, 25 channels, stride 2."""
+
+    def __init__(self, length: int, n_classes: int, channels: int = 25) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        n = length
+        for k in (5, 3, 3):
+            n = (n + 2 - k) // 2 + 1
+        self.head = nn.Linear(channels * n, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.reshape(x.shape[0], 1, x.shape[-1])
+        h = torch.relu(self.conv1(h))
+        h = torch.relu(self.conv2(h))
+        h = torch.relu(self.conv3(h))
+        return self.head(h.flatten(1))
+
+
+class CNN2d(nn.Module):
+    """Two conv(3x3) + ReLU + max-pool(2) stages (32, 64 channels), a 100-unit layer, the head."""
+
+    def __init__(self, in_shape: tuple[int, ...], n_classes: int) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * (h // 4) * (w // 4), 100)
+        self.head = nn.Linear(100, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.head(torch.relu(self.fc(x.flatten(1))))
+
+
+class BasicBlock(nn.Module):
+    """``relu(x + GN(conv(relu(GN(conv(x))))))``, with a 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(8, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(8, c_out)
+        self.shortcut: nn.Module = (
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        return torch.relu(h + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet: stem, three one-block stages (16, 32, 64), average pool, head."""
+
+    def __init__(self, in_shape: tuple[int, ...], n_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_shape[0], width, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(8, width)
+        self.stage1 = BasicBlock(width, width, 1)
+        self.stage2 = BasicBlock(width, 2 * width, 2)
+        self.stage3 = BasicBlock(2 * width, 4 * width, 2)
+        self.head = nn.Linear(4 * width, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.norm(self.stem(x)))
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def default_model(dataset: str) -> str:
+    """The model ``--model`` defaults to for ``dataset``."""
+    return {"mnist1d": "mlp", "digits": "mlp", "mnist": "cnn", "cifar10": "resnet"}[dataset]
+
+
+def build_model(name: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Build model ``name`` for examples of ``input_shape``; raises ``ValueError`` if it does not fit."""
+    if name == "mlp":
+        n = 1
+        for d in input_shape:
+            n *= d
+        return MLP(n, n_classes)
+    if name == "cnn":
+        if len(input_shape) == 1:
+            return CNN1d(input_shape[0], n_classes)
+        if len(input_shape) == 3:
+            return CNN2d(input_shape, n_classes)
+    if name == "resnet" and len(input_shape) == 3:
+        return ResNet(input_shape, n_classes)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    raise ValueError(
+        f"--model {name} does not fit examples of shape {input_shape} "
+        "(resnet needs images; digits are flat vectors: use mlp)"
+    )

@@ -1,0 +1,95 @@
+"""Smoke tests of ``aon-func bench`` (tiny config; no timing is ever asserted)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from aon_func._bench import _models
+from aon_func._bench._suite import roofline_products
+from aon_func._cli import main
+from aon_func._layout import layout_of
+
+
+def test_quick_bench_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for heading in ("apply ", "neighbours ", "memory ", "step "):
+        assert heading in printed
+    res = json.loads(out.read_text())
+    cpu = res["devices"]["cpu"]
+    assert cpu["machine"]["torch_num_threads"] == torch.get_num_threads()
+    assert "parallel_info" in cpu["machine"]
+    rows = cpu["apply"]["tiny"]["rows"]
+    assert set(rows) == {"apply vmap", "apply loop", "kernel loop", "roofline"}
+    for row in rows.values():
+        for mode in ("fwd", "fwd+bwd"):
+            assert row[mode]["ms"] > 0
+            assert row[mode]["over_roofline"] > 0
+    assert cpu["apply"]["tiny"]["auto"] in rows
+    neighbours = cpu["neighbours"]["tiny"]["rows"]
+    assert {"polar (SVD)", "torch spectral_norm", "torch orthogonal"} <= set(neighbours)
+    memory = cpu["memory"]["tiny"]["rows"]
+    assert all(r["over_params"] > 0 for r in memory.values())
+    assert cpu["step"]["tiny"]["overhead"] > 0
+
+
+def test_geotorch_absent_is_skipped_with_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_import = builtins.__import__
+
+    def no_geotorch(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "geotorch":
+            raise ImportError("no geotorch")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_geotorch)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--sections", "neighbours", "--json", str(out)]
+    assert main(argv) == 0
+    skipped = json.loads(out.read_text())["devices"]["cpu"]["neighbours"]["tiny"]["skipped"]
+    assert "geotorch" in skipped["geotorch orthogonal"]
+
+
+def test_unknown_model_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--models", "resnet1000"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("name", sorted(_models.MODELS))
+def test_models_build_with_weights(name: str) -> None:
+    if name in ("resnet50", "vit_s16"):
+        with torch.device("meta"):
+            module = _models.MODELS[name].build()
+    else:
+        module = _models.MODELS[name].build()
+    assert any(n.endswith("weight") for n, _ in module.named_parameters())
+
+
+def test_resnet18_cifar_runs_on_32x32() -> None:
+    net = _models.resnet18_cifar()
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(11.17e6, rel=0.01)
+
+
+def test_roofline_products_count_the_kernel_products() -> None:
+    # two 64 x 576 matrices (one group) and one 10 x 512: K = 3
+    layouts = {
+        "a": layout_of((64, 64, 3, 3), 0),
+        "b": layout_of((64, 64, 3, 3), 0),
+        "c": layout_of((10, 512), 0),
+    }
+    fwd = roofline_products(layouts, 3, backward=False)
+    assert len(fwd) == 2 * (1 + 2 + 1)
+    assert fwd[0] == ((2, 64, 576), (2, 576, 64))
+    both = roofline_products(layouts, 3, backward=True)
+    # backward: one product for the Gram, two for each other product
+    assert len(both) == len(fwd) + 2 * (1 + 2 * 3)

@@ -1,0 +1,309 @@
+"""``aon-func compare`` / ``train``: argument errors, outputs, --quiet, the --out policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import aon_func
+from aon_func._cli import main
+from aon_func._experiments.methods import parse_method, parse_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "2"]
+
+
+# --------------------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--methods", "plain,bogus"], "unknown method 'bogus'"),
+        (["compare", "--methods", "sn,sn"], "more than once"),
+        (["compare", "--methods", ""], "empty"),
+        (["compare", "--epochs", "0"], "positive integer"),
+        (["compare", "--seeds", "two"], "positive integer"),
+        (["compare", "--lr", "-1"], "positive number"),
+        (["compare", "--gain", "big"], "'none', 'learnable' or a positive number"),
+        (["compare", "--gain", "-2"], "positive"),
+        (["compare", "--dataset", "imagenet"], "invalid choice"),
+        (["compare", "--model", "vit"], "invalid choice"),
+        (["compare", "--device", "tpu"], "invalid choice"),
+        (["train"], "--method"),
+        (["train", "--method", "soft:abc"], "unknown method"),
+    ],
+)
+def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "mnist1d", "--model", "resnet"], "does not fit"),
+        (["--dataset", "digits", "--data-dir", "."], "--data-dir is for mnist and cifar10"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["compare", *argv, "--epochs", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_cuda_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device cuda is valid")
+    rc = main(["train", "--method", "sn", *TINY, "--device", "cuda", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_method_names() -> None:
+    assert parse_method("aon").order == aon_func.DEFAULT_ORDER
+    assert parse_method("AON-4").order == 4
+    assert parse_method("sn").order == 0
+    assert parse_method("oni-3").iterations == 3
+    assert parse_method("soft:1e-2").lam == pytest.approx(0.01)
+    assert parse_method("soft:0.010").name == "soft:0.01"
+    assert parse_method("srip").kind == "penalty"
+    assert [m.name for m in parse_methods("plain, polar ,ns-2")] == ["plain", "polar", "ns-2"]
+
+
+# --------------------------------------------------------------------------- a quick compare
+
+
+ALL = "plain,sn,soft,srip:0.1,oni,ns,polar,aon,aon-2"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    out = tmp_path_factory.mktemp("quick") / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aon_func",
+            "compare",
+            *TINY,
+            "--methods",
+            ALL,
+            "--gain",
+            "learnable",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout, proc.stderr
+
+
+def test_compare_writes_every_output(quick: tuple[Path, str, str]) -> None:
+    out, stdout, stderr = quick
+    for name in (
+        "results.json",
+        "results.csv",
+        "results.md",
+        "accuracy.png",
+        "spectra.png",
+        "config.json",
+    ):
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    res = json.loads((out / "results.json").read_text())
+    methods = ALL.split(",")
+    assert [r["method"] for r in res["summary"]] == ["soft" if m == "soft" else m for m in methods]
+    assert len(res["runs"]) == 2 * len(methods)
+    assert res["config"]["gain"] == "learnable"
+    assert "learnable scalar gain" in res["config"]["scale"]
+    csv = (out / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("method,label,seeds,test_acc_mean,test_acc_std")
+    assert len(csv) == 1 + len(methods)
+    md = (out / "results.md").read_text()
+    assert "| aon-2 | AON K=2 |" in md
+    # the printed table: one line per method, and where the files are
+    for m in methods:
+        assert any(line.startswith(m + " ") for line in stdout.splitlines()), m
+    assert "results.md" in stdout
+    # not on a terminal: one line per finished run, no progress bar
+    assert stderr.count("seed 1: test acc") == len(methods)
+    assert "\r" not in stderr
+
+
+def test_compare_results_make_sense(quick: tuple[Path, str, str]) -> None:
+    res = json.loads((quick[0] / "results.json").read_text())
+    runs = {(r["method"], r["seed"]): r for r in res["runs"]}
+    assert runs[("polar", 0)]["ortho_error"] < 1e-4
+    # one power-iteration step per training step: the estimate of s_max lags a little
+    assert max(runs[("sn", 0)]["spectrum"]) == pytest.approx(1.0, abs=0.2)
+    assert max(runs[("aon-2", 0)]["spectrum"]) == pytest.approx(1.0, abs=0.2)
+    assert runs[("aon-2", 0)]["ortho_error"] < runs[("sn", 0)]["ortho_error"]
+    assert set(runs[("aon-2", 0)]["gains"]) == {"fc1.weight", "fc2.weight"}
+    assert runs[("plain", 0)]["gains"] == {}
+    for r in res["runs"]:
+        assert 0.0 <= r["test_acc"] <= 1.0
+        assert len(r["history"]) == 2
+        assert r["sec_per_epoch"] > 0
+    # same init and data order: seed 0 and seed 1 differ, methods share the seed's init
+    assert runs[("plain", 0)]["test_acc"] != runs[("plain", 1)]["test_acc"] or (
+        runs[("plain", 0)]["train_loss"] != runs[("plain", 1)]["train_loss"]
+    )
+
+
+def test_existing_results_are_never_overwritten(
+    quick: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(quick[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc = main(["compare", *TINY, "--methods", "sn", "--seeds", "1", "--out", str(out), "--quiet"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "writing to" in captured.err
+    assert f"{out}-2" in captured.err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "out-2" / "results.json").is_file()
+
+
+def test_resume_of_finished_runs_reproduces_results(
+    quick: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(quick[0], out)
+    rc = main(
+        [
+            "compare",
+            *TINY,
+            "--methods",
+            ALL,
+            "--gain",
+            "learnable",
+            "--out",
+            str(out),
+            "--resume",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    old = json.loads((quick[0] / "results.json").read_text())
+    new = json.loads((out / "results.json").read_text())
+    assert new["runs"] == old["runs"]
+
+
+def test_resume_refuses_another_configuration(
+    quick: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(quick[0], out)
+    rc = main(
+        [
+            "compare",
+            *TINY,
+            "--methods",
+            "sn",
+            "--lr",
+            "0.1",
+            "--gain",
+            "learnable",
+            "--out",
+            str(out),
+            "--resume",
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "belongs to another run (differs in lr)" in err
+    assert err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- quiet and progress
+
+
+def test_quiet_is_silent_even_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc = main(["train", "--method", "aon-2", *TINY, "--out", str(tmp_path / "q"), "--quiet"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("digits / mlp, 2 epochs")
+    assert lines[1].split() == [
+        "method",
+        "test",
+        "acc",
+        "(%)",
+        "train",
+        "loss",
+        "orth.",
+        "err",
+        "s/epoch",
+        "what",
+    ]
+    assert lines[3].startswith("aon-2 ")
+    assert lines[-1].startswith("results: ")
+    assert len(lines) == 5
+
+
+def test_progress_bar_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc = main(["train", "--method", "plain", *TINY, "--seeds", "1", "--out", str(tmp_path / "p")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "plain seed 0" in err
+    assert "2/2" in err
+    assert "loss=" in err
+    assert "acc=" in err
+
+
+def test_console_script_and_module(tmp_path: Path) -> None:
+    script = shutil.which("aon-func")
+    if script is None:
+        pytest.skip("the aon-func console script is not installed (pip install -e .)")
+    for cmd in ([script], [sys.executable, "-m", "aon_func"]):
+        proc = subprocess.run(
+            [*cmd, "compare", "--help"], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        for option in (
+            "--dataset",
+            "--data-dir",
+            "--model",
+            "--methods",
+            "--epochs",
+            "--seeds",
+            "--out",
+            "--device",
+            "--quiet",
+            "--resume",
+            "--normalise-head",
+            "--gain",
+        ):
+            assert option in proc.stdout

@@ -1,0 +1,46 @@
+"""Every ```python block of docs/usage.md runs, each on its own."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+USAGE = Path(__file__).resolve().parent.parent / "docs" / "usage.md"
+
+
+def _blocks() -> list[tuple[str, str]]:
+    """``(id, code)`` per block, the id from the section heading above it."""
+    text = USAGE.read_text(encoding="utf-8")
+    out: list[tuple[str, str]] = []
+    section, count = "top", 0
+    for match in re.finditer(r"^## ([^\n]+)$|^```python\n(.*?)^```$", text, re.M | re.S):
+        if match.group(1):
+            section, count = match.group(1).strip(), 0
+            continue
+        count += 1
+        slug = re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
+        out.append((f"{slug}-{count}", match.group(2)))
+    return out
+
+
+BLOCKS = _blocks()
+
+
+def test_the_page_has_the_use_cases() -> None:
+    ids = " ".join(i for i, _ in BLOCKS)
+    for section in ("functional-training", "torch-optim", "maml", "ensembles", "torch-compile"):
+        assert section in ids
+    assert "parametrize" in ids
+
+
+@pytest.mark.filterwarnings(
+    "ignore:There is a performance drop because we have not yet implemented"
+)
+@pytest.mark.parametrize("code", [c for _, c in BLOCKS], ids=[i for i, _ in BLOCKS])
+def test_usage_block_runs(code: str) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(code, str(USAGE), "exec"), {"__name__": "__docs__"})
