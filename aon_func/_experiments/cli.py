@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_METHODS", "QUICK_EPOCHS", "QUICK_SEEDS", "register"]
 DEFAULT_METHODS = "plain,sn,soft,srip,oni,polar,aon-1,aon-2,aon-4"
 """``compare``'s default methods (``aon`` is ``aon-{DEFAULT_ORDER}``)."""
 
-QUICK_EPOCHS = 20
+QUICK_EPOCHS = 30
 """``compare``'s default epochs: the quick budget (README's main-job command)."""
 
 QUICK_SEEDS = 2
