@@ -169,39 +169,96 @@ def _prescale(z: Tensor) -> Tensor:
     return z / torch.where(torch.isfinite(a) & (a > 0), a, torch.ones_like(a))
 
 
-class _Gram(torch.autograd.Function):
-    """``Z Z^T`` whose backward is the one product ``(dG + dG^T) Z``.
+def _gram_and_zv(z: Tensor, u: Tensor, n_iterations: int, eps: float) -> tuple[Tensor, ...]:
+    """``(G, Z v, u, |Z^T u|)`` from ``G = Z Z^T`` alone: no pass over ``Z`` but the product.
 
-    Autograd's own ``z @ z.mT`` backward runs two ``k x k @ k x N`` products
-    (one per factor) and adds their ``k x N`` results; both factors are ``Z``,
-    so one product of the symmetrised ``dG`` does. The backward is written in
-    differentiable ops (grad-of-grad works), ``jvp`` serves forward mode, and
-    ``vmap`` uses the generated rule. Under ``torch.compile`` :func:`aon_matrix`
-    uses the plain ``z @ z.mT`` instead (Dynamo does not trace a custom ``jvp``).
+    ``u`` runs ``n_iterations`` steps on ``G`` (as :func:`gram_power_iteration`),
+    then ``v = Z^T u / |Z^T u|``, so ``Z v = G u / |Z^T u|`` and
+    ``|Z^T u| = sqrt(u^T G u)``: ``k x k`` matrix-vector products instead of
+    two passes over the ``k x N`` matrix.
+    """
+    gram = z @ z.mT
+    for _ in range(n_iterations):
+        u = _normalize_or_keep(gram @ u, u, eps)
+    u = u.clone() if n_iterations == 0 else u  # an output, never the input itself
+    gu = gram @ u
+    n = torch.dot(u, gu).clamp_min(0.0).sqrt().clamp_min(eps)
+    return gram, gu / n, u, n
+
+
+class _GramZv(torch.autograd.Function):
+    """``(Z Z^T, Z v)`` with ``v = normalize(Z^T u)`` constant, and one backward product.
+
+    Autograd through ``z @ z.mT`` and ``z @ v`` would run two ``k x k @ k x N``
+    products, an outer product ``dzv v^T`` and two ``k x N`` sums. Since
+    ``v = Z^T u / n``, ``dzv v^T = (dzv u^T / n) Z``, so the whole gradient
+    is one product ``(dG + dG^T + dzv u^T / n) Z``. ``u`` and ``n`` are
+    constants for autograd (the power iteration's), ``Z`` is saved, so the
+    backward is differentiable (grad-of-grad); ``jvp`` serves forward mode
+    and ``vmap`` uses the generated rule.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z: Tensor) -> Tensor:  # type: ignore[override]
-        return z @ z.mT
+    def forward(z: Tensor, u: Tensor, n_iterations: int, eps: float) -> tuple[Tensor, ...]:
+        return _gram_and_zv(z, u, n_iterations, eps)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        (z,) = inputs
-        ctx.save_for_backward(z)
-        ctx.save_for_forward(z)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        z = inputs[0]
+        _, _, u, n = output
+        ctx.mark_non_differentiable(u, n)
+        ctx.save_for_backward(z, u, n)
+        ctx.save_for_forward(z, u, n)
 
     @staticmethod
-    def backward(ctx: Any, dg: Tensor) -> Tensor:  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        return (dg + dg.mT) @ z
+    def backward(
+        ctx: Any, dg: Tensor, dzv: Tensor, du: Tensor | None, dn: Tensor | None
+    ) -> tuple[Tensor, None, None, None]:
+        z, u, n = ctx.saved_tensors
+        grad: Tensor = _GramZvGrad.apply(dg, dzv, z, u / n)  # type: ignore[no-untyped-call]
+        return grad, None, None, None
 
     @staticmethod
-    def jvp(ctx: Any, dz: Tensor) -> Tensor:  # type: ignore[override]
-        (z,) = ctx.saved_tensors
+    def jvp(
+        ctx: Any, dz: Tensor, du: Tensor | None, d_iter: None, d_eps: None
+    ) -> tuple[Tensor, Tensor, None, None]:
+        z, u, n = ctx.saved_tensors
         a = dz @ z.mT
-        return a + a.mT
+        return a + a.mT, dz @ ((z.mT @ u) / n), None, None
+
+
+class _GramZvGrad(torch.autograd.Function):
+    """``_GramZv``'s gradient ``(dG + dG^T + dzv w^T) Z`` (``w = u / n``) in one product.
+
+    Its own derivative keeps ``v = Z^T w`` constant, as the forward does: in
+    ``Z``, only the ``(dG + dG^T) Z`` part varies. The ops below are
+    differentiable, so higher orders work too.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dg: Tensor, dzv: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        return (dg + dg.mT + torch.outer(dzv, w)) @ z
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        dg, _, z, w = inputs
+        ctx.save_for_backward(dg, z, w)
+        ctx.save_for_forward(dg, z, w)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        dg, z, w = ctx.saved_tensors
+        a = dout @ z.mT
+        return a + a.mT, a @ w, (dg + dg.mT) @ dout, None
+
+    @staticmethod
+    def jvp(ctx: Any, ddg: Tensor, ddzv: Tensor, dz: Tensor, dw: Tensor | None) -> Tensor:
+        dg, z, w = ctx.saved_tensors
+        return (ddg + ddg.mT + torch.outer(ddzv, w)) @ z + (dg + dg.mT) @ dz
 
 
 def aon_matrix(
@@ -216,16 +273,24 @@ def aon_matrix(
 
     Returns ``(h, u_new)``. No validation: callers check at the boundary.
     Cost: ``2 k^2 N`` (Gram) ``+ 2 (K-1) k^3`` (Horner) ``+ 2 k^2 N``
-    (product) ``+ 2 k^2`` per power iteration ``+ 4 k N``.
+    (product) ``+ 2 k^2`` per power iteration ``+ 4 k^2``; the power
+    iteration and ``Z v`` run on the Gram (no pass over ``Z``), and the
+    backward is ``2K + 1`` products of those sizes (see ``_GramZv``).
     """
     z = _prescale(z)
     if order == 0:
         u_new, zv, sigma = power_iteration(z, u, n_power_iterations, eps)
         return z / sigma.clamp_min(eps), u_new
-    # Dynamo cannot trace an autograd.Function with a custom jvp: compiled
-    # code takes the plain product (same values, two backward products).
-    gram = z @ z.mT if torch.compiler.is_compiling() else _Gram.apply(z)
-    u_new, zv, sigma = gram_power_iteration(z, gram, u, n_power_iterations, eps)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an autograd.Function with a custom jvp: compiled
+        # code takes plain autograd (same values up to rounding).
+        gram = z @ z.mT
+        u_new, zv, sigma = gram_power_iteration(z, gram, u, n_power_iterations, eps)
+    else:
+        gram, zv, u_new, _ = _GramZv.apply(  # type: ignore[no-untyped-call]
+            z, u.detach(), n_power_iterations, eps
+        )
+        sigma = torch.dot(u_new, zv)
     inv_sigma = 1.0 / sigma.clamp_min(eps)
     s = inv_sigma * inv_sigma
     if order == 1:  # P = (c_0 + c_1) I - c_1 G / sigma^2, scaled in the same pass

@@ -16,7 +16,9 @@ from aon_func._cli import main
 from aon_func._layout import layout_of
 
 
-def test_quick_bench_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_bench_writes_every_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -46,9 +46,7 @@ def _names(value: str, known: dict[str, Any]) -> list[str]:
 
 def _devices(choice: str) -> list[torch.device]:
     if choice == "all":
-        return [torch.device("cpu")] + (
-            [torch.device("cuda")] if torch.cuda.is_available() else []
-        )
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     if choice == "cuda" and not torch.cuda.is_available():
         raise SystemExit("aon-func bench: --device cuda, but CUDA is not available")
     return [torch.device(choice)]
@@ -212,7 +210,9 @@ def run_bench(
         if res["targets"]:
             log("\ntargets (ResNet-18 shapes, CPU, float32, K = 2):")
             for key, v in res["targets"].items():
-                log(f"  {key:<24} {v['value']:>6.2f}  target <= {v['target']:<5} {'met' if v['met'] else 'MISSED'}")
+                log(
+                    f"  {key:<24} {v['value']:>6.2f}  target <= {v['target']:<5} {'met' if v['met'] else 'MISSED'}"
+                )
     results["elapsed_s"] = time.perf_counter() - started
     log(f"\nelapsed {results['elapsed_s']:.0f} s")
     return results
@@ -265,11 +265,17 @@ def _targets(res: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
             "fwd_over_kernel_loop": auto["fwd"]["over_kernel_loop"],
             "fwd+bwd_over_roofline": auto["fwd+bwd"]["over_roofline"],
         }
-        out.update({k: {"value": v, "target": TARGETS[k], "met": v <= TARGETS[k]} for k, v in vals.items()})
+        out.update(
+            {k: {"value": v, "target": TARGETS[k], "met": v <= TARGETS[k]} for k, v in vals.items()}
+        )
     s = res["step"].get("resnet18")
     if s is not None:
         v = s["overhead"]
-        out["step_overhead"] = {"value": v, "target": TARGETS["step_overhead"], "met": v <= TARGETS["step_overhead"]}
+        out["step_overhead"] = {
+            "value": v,
+            "target": TARGETS["step_overhead"],
+            "met": v <= TARGETS["step_overhead"],
+        }
     mem = res["memory"].get("resnet18")
     if mem is not None:
         auto = "vmap" if AON()._use_vmap(torch.device(res["machine"]["device"])) else "loop"

@@ -7,6 +7,7 @@ MLP) also run forward.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ __all__ = ["MODELS", "STEP_MODELS", "ModelSpec", "StepSpec", "resnet18_cifar"]
 def mlp(widths: tuple[int, ...]) -> nn.Sequential:
     """ReLU MLP with ``len(widths) - 1`` Linear layers."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         if i:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(a, b))
@@ -133,7 +134,13 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                dim,
+                heads,
+                4 * dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
             )
             for _ in range(depth)
         )
@@ -160,9 +167,7 @@ class ModelSpec(NamedTuple):
 
 
 MODELS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec(
-        "8-layer 512-wide MLP (784-512x7-10)", lambda: mlp((784, *([512] * 7), 10))
-    ),
+    "mlp": ModelSpec("8-layer 512-wide MLP (784-512x7-10)", lambda: mlp((784, *([512] * 7), 10))),
     "blocks12": ModelSpec(
         "12 blocks of 512x512 plus odd shapes (MLP 784-512x13-10)",
         lambda: mlp((784, *([512] * 13), 10)),

@@ -73,7 +73,9 @@ def _fwd_bwd(forward: Callable[[], Sequence[Tensor]], inputs: Sequence[Tensor]) 
     return run
 
 
-def _weights_of(tr: WeightTransform | Callable[..., Any], params: dict[str, Tensor], state: State) -> Callable[[], list[Tensor]]:
+def _weights_of(
+    tr: WeightTransform | Callable[..., Any], params: dict[str, Tensor], state: State
+) -> Callable[[], list[Tensor]]:
     apply = tr.apply if isinstance(tr, WeightTransform) else tr
 
     def forward() -> list[Tensor]:
@@ -115,7 +117,9 @@ def roofline_products(
 
 
 def _roofline_fn(
-    products: list[tuple[tuple[int, ...], tuple[int, ...]]], device: torch.device, dtype: torch.dtype
+    products: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Fn:
     gen = torch.Generator(device=device).manual_seed(2)
     ops = [
@@ -221,7 +225,7 @@ def _holders(
         m.weight = nn.Parameter(z.contiguous().clone())
         register(m)
         mods.append(m)
-    inputs = [p for m in mods for p in m.parameters()]
+    inputs: list[Tensor] = [p for m in mods for p in m.parameters()]
     return mods, inputs
 
 
@@ -247,7 +251,7 @@ def bench_neighbours(name: str, device: torch.device, cfg: BenchConfig) -> dict[
     parametrizations = nn.utils.parametrizations
 
     def holder_forward(mods: list[nn.Module]) -> Callable[[], list[Tensor]]:
-        return lambda: [m.weight for m in mods]
+        return lambda: [m.weight for m in mods]  # type: ignore[misc]
 
     registrations: dict[str, Callable[[nn.Module], object]] = {
         "torch spectral_norm": lambda m: parametrizations.spectral_norm(m),
@@ -286,7 +290,12 @@ def bench_neighbours(name: str, device: torch.device, cfg: BenchConfig) -> dict[
         }
         for key in forwards
     }
-    return {"model": MODELS[name].description, "rounds": len(t.rounds), "rows": rows, "skipped": skipped}
+    return {
+        "model": MODELS[name].description,
+        "rounds": len(t.rounds),
+        "rows": rows,
+        "skipped": skipped,
+    }
 
 
 def bench_memory(
@@ -304,7 +313,10 @@ def bench_memory(
             run = _fwd_bwd(_weights_of(tr, params, state), inputs)
             run()  # cotangents allocated outside the measured call
             peak = peak_extra_bytes(run, device)
-            out["rows"][f"K={k} {batching}"] = {"peak_bytes": peak, "over_params": peak / param_bytes}
+            out["rows"][f"K={k} {batching}"] = {
+                "peak_bytes": peak,
+                "over_params": peak / param_bytes,
+            }
     return out
 
 
@@ -334,14 +346,14 @@ def bench_step(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, A
 
     def step_plain() -> object:
         out = torch.func.functional_call(model, {**buffers, **plain_params}, (x,))
-        nn.functional.cross_entropy(out, y).backward()
+        nn.functional.cross_entropy(out, y).backward()  # type: ignore[no-untyped-call]
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
         return None
 
     def step_aon() -> object:
         out, state[0] = tr.functional_call(model, aon_params, state[0], x)
-        nn.functional.cross_entropy(out, y).backward()
+        nn.functional.cross_entropy(out, y).backward()  # type: ignore[no-untyped-call]
         aon_opt.step()
         aon_opt.zero_grad(set_to_none=True)
         return None

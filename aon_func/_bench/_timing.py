@@ -109,9 +109,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = prof.profiler.kineto_results.events() if prof.profiler else []
-    deltas = sorted(
-        (e.start_ns(), int(e.nbytes())) for e in events if e.name() == "[memory]"
-    )
+    deltas = sorted((e.start_ns(), int(e.nbytes())) for e in events if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in deltas:
         live += nbytes
