@@ -91,6 +91,11 @@ def register(sub: Any) -> None:
         help="seconds per table after which rounds stop (at least 3 rounds; default: 40)",
     )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile AON.apply forward+backward (torch.profiler, self CPU time per op)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     p.add_argument(
         "--clock",
@@ -127,6 +132,7 @@ def _main(args: argparse.Namespace) -> int:
         compile=not args.no_compile,
         dtype=torch.float32,
         clock=args.clock,
+        profile=args.profile,
     )
     results = run_bench(
         devices=_devices(args.device),
@@ -164,6 +170,7 @@ def run_bench(
             "compile": cfg.compile,
             "dtype": str(cfg.dtype),
             "clock": cfg.clock,
+            "profile": cfg.profile,
             "models": models,
             "steps": steps,
             "sections": sections,
@@ -231,6 +238,12 @@ def _apply_table(name: str, r: dict[str, Any]) -> str:
         lines.append(
             f"  {key:<14}{f['ms']:>9.2f}{f['over_roofline']:>10.2f}{f['over_kernel_loop']:>7.2f}"
             f"{b['ms']:>12.2f}{b['over_roofline']:>10.2f}{b['over_kernel_loop']:>7.2f}"
+        )
+    if r.get("profile"):
+        lines.append(f"  profile of {r['auto']} fwd+bwd (self CPU time, torch.profiler):")
+        lines.extend(
+            f"    {p['op']:<34}{p['self_ms']:>9.2f} ms{p['share']:>7.1%}{p['calls']:>6} calls"
+            for p in r["profile"][:12]
         )
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ class BenchConfig(NamedTuple):
     compile: bool
     dtype: torch.dtype
     clock: str = "wall"
+    profile: bool = False
 
 
 Fn = Callable[[], object]
@@ -188,6 +189,7 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
         fns, device, repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s, clock=cfg.clock
     )
     auto = "apply vmap" if trs["auto"]._use_vmap(device) else "apply loop"
+    profile = _profile(fns[f"{auto}/fwd+bwd"]) if cfg.profile else None
     rows: dict[str, Any] = {}
     for key in (*forwards, "roofline"):
         rows[key] = {}
@@ -209,7 +211,30 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
         "compile_s": compile_s,
         "roofline_gflop": {m: _flops(p) / 1e9 for m, p in prods.items()},
         "rows": rows,
+        "profile": profile,
     }
+
+
+def _profile(fn: Fn, runs: int = 3) -> list[dict[str, Any]]:
+    """Self CPU time per op of ``fn`` (``torch.profiler``, ``runs`` calls), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+    rows = [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3 / runs,
+            "calls": e.count // runs,
+        }
+        for e in prof.key_averages()
+    ]
+    total = sum(r["self_ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["self_ms"] / total if total else 0.0
+    return sorted(rows, key=lambda r: -r["self_ms"])
 
 
 def _holders(
