@@ -12,7 +12,7 @@ moved 10% clear of the next.
 
 Usage::
 
-    python scripts/stateless_iterations.py [--seeds 5] [--dtype float32]
+    python scripts/stateless_iterations.py [--seeds 20] [--dtype float32]
 
 It prints the median and the worst error over the seeds for each size and
 ``T``; ``aon_func.STATELESS_POWER_ITERATIONS`` is the default ``T``.
@@ -63,7 +63,7 @@ def relative_errors(w: torch.Tensor, dtype: torch.dtype) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)

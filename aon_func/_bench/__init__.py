@@ -255,9 +255,8 @@ def _neighbour_table(name: str, r: dict[str, Any], order: int) -> str:
     ]
     for key, row in r["rows"].items():
         f, b = row["fwd"], row["fwd+bwd"]
-        lines.append(
-            f"  {key:<26}{f['ms']:>10.2f}{f['over_aon']:>7.2f}{b['ms']:>12.2f}{b['over_aon']:>7.2f}"
-        )
+        back = f"{b['ms']:>12.2f}{b['over_aon']:>7.2f}" if b else f"{'-':>12}{'-':>7}"
+        lines.append(f"  {key:<26}{f['ms']:>10.2f}{f['over_aon']:>7.2f}{back}")
     for key, why in r["skipped"].items():
         lines.append(f"  {key:<26} skipped: {why}")
     return "\n".join(lines)

@@ -53,12 +53,13 @@ def time_interleaved(
     warmup: int,
     budget_s: float | None = None,
     clock: str = "wall",
+    min_rounds: int = 3,
 ) -> Timings:
     """Run every callable ``warmup`` times, then ``repeats`` interleaved rounds.
 
     Rounds alternate the order (ABC, CBA, ...) so a slow drift of the
     machine's load hits every callable alike. With ``budget_s``, rounds stop
-    early (after at least 3) once the time spent would exceed it. ``clock``:
+    early (after at least ``min_rounds``) once the time spent would exceed it. ``clock``:
     ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``,
     the CPU seconds of all the process's threads: with one thread, the work
     done, nearly independent of other processes' load).
@@ -82,7 +83,7 @@ def time_interleaved(
             row[name] = now() - t0
         rounds.append(row)
         spent = time.perf_counter() - start
-        if budget_s is not None and r + 1 >= 3 and spent * (r + 2) / (r + 1) > budget_s:
+        if budget_s is not None and r + 1 >= min_rounds and spent * (r + 2) / (r + 1) > budget_s:
             break
     return Timings(rounds)
 
