@@ -252,6 +252,7 @@ def _safe(name: str) -> str:
 
 
 def _run(args: argparse.Namespace, methods: list[Method]) -> int:
+    threads = torch.get_num_threads()
     try:
         return _run_checked(args, methods)
     except (DataError, UsageError, ResumeError) as exc:
@@ -264,6 +265,8 @@ def _run(args: argparse.Namespace, methods: list[Method]) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's process as it was
 
 
 def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
