@@ -23,6 +23,7 @@ __all__ = ["register", "run_bench"]
 
 DEFAULT_MODELS = ("mlp", "resnet18", "resnet50", "vit_s16")
 DEFAULT_STEPS = ("resnet18", "mnist1d_mlp")
+DEFAULT_COMPILE = ("mlp", "resnet18")
 SECTIONS = ("apply", "neighbours", "memory", "step")
 MEMORY_ORDERS = (1, 2, 4)
 
@@ -42,6 +43,16 @@ def _names(value: str, known: dict[str, Any]) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown names {unknown}; choose from {sorted(known)}")
     return [n for n in names if n != "none"]
+
+
+def _at_least(low: int) -> Any:
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return n
+
+    return parse
 
 
 def _devices(choice: str) -> list[torch.device]:
@@ -81,16 +92,26 @@ def register(sub: Any) -> None:
         help=f"what to measure, from {list(SECTIONS)} (default: all)",
     )
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
-    p.add_argument("--order", type=int, default=2, help="Taylor order K (default: 2)")
-    p.add_argument("--repeats", type=int, default=9, help="timed rounds (default: 9)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    p.add_argument("--order", type=_at_least(1), default=2, help="Taylor order K >= 1 (default: 2)")
+    p.add_argument("--repeats", type=_at_least(1), default=9, help="timed rounds (default: 9)")
+    p.add_argument(
+        "--warmup", type=_at_least(0), default=2, help="untimed rounds first (default: 2)"
+    )
     p.add_argument(
         "--budget",
         type=float,
-        default=40.0,
-        help="seconds per table after which rounds stop (at least 3 rounds; default: 40)",
+        default=25.0,
+        help="seconds per table after which rounds stop (at least 3 rounds, 2 for the "
+        "neighbours; default: 25)",
     )
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument(
+        "--compile",
+        type=lambda v: v if v in ("all", "none") else _names(v, MODELS),
+        default=list(DEFAULT_COMPILE),
+        help="models that get the torch.compile column: a comma-separated list, 'all' or "
+        f"'none' (default: {','.join(DEFAULT_COMPILE)}; compiling takes about a minute a model)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="same as --compile none")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -102,7 +123,7 @@ def register(sub: Any) -> None:
         choices=("wall", "cpu"),
         default="wall",
         help="wall: elapsed time (default); cpu: the process's CPU time, which with "
-        "--threads 1 is robust to other load on a shared machine",
+        "--threads 1 is robust to other load on a shared machine (CPU devices only)",
     )
     p.add_argument(
         "--quick",
@@ -122,6 +143,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.quick:
         args.models, args.steps = ["tiny"], ["tiny"]
         args.repeats, args.warmup, args.no_compile = 3, 1, True
+    if args.no_compile or args.compile == "none":
+        compiled: list[str] = []
+    elif args.compile == "all":
+        compiled = list(MODELS)
+    else:
+        compiled = list(args.compile)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = BenchConfig(
@@ -129,22 +156,27 @@ def _main(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         budget_s=args.budget,
-        compile=not args.no_compile,
+        compile=tuple(compiled),
         dtype=torch.float32,
         clock=args.clock,
         profile=args.profile,
     )
-    results = run_bench(
+
+    def save(results: dict[str, Any]) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    run_bench(
         devices=_devices(args.device),
         models=args.models,
         steps=args.steps,
         sections=args.sections,
         cfg=cfg,
         log=print,
+        save=save,
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -157,8 +189,19 @@ def run_bench(
     sections: list[str],
     cfg: BenchConfig,
     log: Any = print,
+    save: Any = None,
 ) -> dict[str, Any]:
-    """Run the suite and return the JSON-able results; ``log`` receives the tables."""
+    """Run the suite and return the JSON-able results.
+
+    ``log`` receives the tables; ``save``, when given, the results so far after
+    every table (an interrupted run keeps what it measured).
+    """
+
+    def saved(results: dict[str, Any]) -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        if save is not None:
+            save(results)
+
     started = time.perf_counter()
     results: dict[str, Any] = {
         "command": "aon-func bench",
@@ -167,7 +210,7 @@ def run_bench(
             "repeats": cfg.repeats,
             "warmup": cfg.warmup,
             "budget_s": cfg.budget_s,
-            "compile": cfg.compile,
+            "compile": list(cfg.compile),
             "dtype": str(cfg.dtype),
             "clock": cfg.clock,
             "profile": cfg.profile,
@@ -197,18 +240,22 @@ def run_bench(
                 r = bench_apply(name, device, cfg)
                 res["apply"][name] = r
                 log(_apply_table(name, r))
+                saved(results)
             if "neighbours" in sections:
                 r = bench_neighbours(name, device, cfg)
                 res["neighbours"][name] = r
                 log(_neighbour_table(name, r, cfg.order))
+                saved(results)
             if "memory" in sections:
                 r = bench_memory(name, device, cfg, MEMORY_ORDERS)
                 res["memory"][name] = r
                 log(_memory_table(name, r))
+                saved(results)
         if "step" in sections:
             for name in steps:
                 r = bench_step(name, device, cfg)
                 res["step"][name] = r
+                saved(results)
                 log(
                     f"\nstep  {r['model']}: plain {r['plain_ms']:.1f} ms, AON {r['aon_ms']:.1f} ms, "
                     f"overhead x{r['overhead']:.2f} ({r['rounds']} rounds, spread {r['spread']:.0%})"
@@ -220,7 +267,7 @@ def run_bench(
                 log(
                     f"  {key:<24} {v['value']:>6.2f}  target <= {v['target']:<5} {'met' if v['met'] else 'MISSED'}"
                 )
-    results["elapsed_s"] = time.perf_counter() - started
+    saved(results)
     log(f"\nelapsed {results['elapsed_s']:.0f} s")
     return results
 
