@@ -102,17 +102,33 @@ def compute_dtype_for(dtype: torch.dtype, override: torch.dtype | None = None) -
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
-def check_u(u: object, k: int, dtype: torch.dtype, device: torch.device, name: str = "u") -> Tensor:
-    """``u`` must be a 1-D tensor of length ``k`` in the compute dtype, on the weight's device."""
+def check_u(
+    u: object,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str = "u",
+    weight: str = "the weight",
+    optional: bool = True,
+) -> Tensor:
+    """``u`` must be a 1-D tensor of length ``k`` in the compute dtype, on the weight's device.
+
+    ``name`` and ``weight`` say in the message which ``u`` and which weight
+    (e.g. ``state['fc.weight']`` and ``params['fc.weight'] with shape=...``);
+    ``optional`` says whether ``None`` was an alternative (the kernel's ``u``).
+    """
     if not isinstance(u, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(u).__name__}")
+        what = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {what}, got {type(u).__name__}")
     if u.ndim != 1 or u.shape[0] != k:
         raise ValueError(
-            f"{name} must have shape ({k},) (k = min(rows, cols) of the weight's matrix view), "
+            f"{name} must have shape ({k},) (k = min(rows, cols) of the matrix view of {weight}), "
             f"got {describe(u)}"
         )
     if u.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the compute dtype), got {describe(u)}")
+        raise TypeError(
+            f"{name} must have dtype {dtype} (the compute dtype of {weight}), got {describe(u)}"
+        )
     if u.device != device:
-        raise ValueError(f"{name} must be on the weight's device {device}, got {describe(u)}")
+        raise ValueError(f"{name} must be on device {device} like {weight}, got {describe(u)}")
     return u

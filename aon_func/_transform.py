@@ -25,6 +25,7 @@ from ._checks import (
     check_eps,
     check_nonneg_int,
     check_out_axis,
+    check_u,
     check_weight,
     compute_dtype_for,
     describe,
@@ -268,22 +269,16 @@ class WeightTransform:
                 "(state from init() of another model or transform?)"
             )
         for name, layout in selected.items() if self.stateful else ():
-            u, w = state[name], params[name]
-            k = layout.matrix_shape[0]
-            if not isinstance(u, Tensor):
-                raise TypeError(f"state[{name!r}] must be a Tensor, got {type(u).__name__}")
-            cdtype = self._cdtype(w)
-            if u.ndim != 1 or u.shape[0] != k:
-                raise ValueError(
-                    f"state[{name!r}] must have shape ({k},) for params[{name!r}] with {describe(w)}, "
-                    f"got {describe(u)}"
-                )
-            if u.dtype != cdtype:
-                raise TypeError(f"state[{name!r}] must have dtype {cdtype}, got {describe(u)}")
-            if u.device != w.device:
-                raise ValueError(
-                    f"state[{name!r}] must be on {w.device} like its weight, got {describe(u)}"
-                )
+            w = params[name]
+            check_u(
+                state[name],
+                layout.matrix_shape[0],
+                self._cdtype(w),
+                w.device,
+                name=f"state[{name!r}]",
+                weight=f"params[{name!r}] with {describe(w)}",
+                optional=False,
+            )
 
     # ------------------------------------------------------------------ gains
 

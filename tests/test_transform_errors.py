@@ -80,13 +80,13 @@ APPLY_CASES: dict[str, tuple[Callable[[], dict], Callable[[], object], type, str
         _params,
         lambda: _with(_state(), fc1__weight=torch.ones(4, device="meta")),
         ValueError,
-        r"state\['fc1.weight'\] must be on cpu.*device=meta",
+        r"state\['fc1.weight'\] must be on device cpu.*device=meta",
     ),
     "u not a tensor": (
         _params,
         lambda: _with(_state(), fc1__weight=[0.5, 0.5, 0.5, 0.5]),
         TypeError,
-        r"state\['fc1.weight'\] must be a Tensor, got list",
+        r"state\['fc1.weight'\] must be a torch.Tensor, got list",
     ),
     "state not a mapping": (
         _params,
