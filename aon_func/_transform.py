@@ -144,13 +144,7 @@ class WeightTransform:
             isinstance(self.gain, bool) or not isinstance(self.gain, (int, float))
         ):
             raise TypeError(f"gain must be a float or None, got {self.gain!r}")
-        if self.compute_dtype is not None and (
-            not isinstance(self.compute_dtype, torch.dtype)
-            or not self.compute_dtype.is_floating_point
-        ):
-            raise TypeError(
-                f"compute_dtype must be a floating torch.dtype or None, got {self.compute_dtype!r}"
-            )
+        compute_dtype_for(torch.float32, self.compute_dtype)  # the kernel's own check, up front
         if not isinstance(self.out_axes, Mapping):
             raise TypeError(
                 f"out_axes must be a mapping name -> int, got {type(self.out_axes).__name__}"

@@ -267,3 +267,9 @@ def _assert_unchanged(d: object, snap: dict) -> None:
             assert torch.equal(now[k][1], value), k
         elif not isinstance(value, torch.Tensor):
             assert now[k][1] == value, k
+
+
+def test_float16_compute_dtype_is_refused_at_construction() -> None:
+    # float16's range is too narrow for the eps clamp: refused before any apply.
+    with pytest.raises(TypeError, match=r"compute_dtype=torch\.float16 is not supported"):
+        AON(compute_dtype=torch.float16)
