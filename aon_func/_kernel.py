@@ -29,9 +29,12 @@ __all__ = [
     "STATELESS_POWER_ITERATIONS",
     "aon",
     "aon_matrix",
+    "gram_iterate",
+    "gram_power_iteration",
     "power_iteration",
     "start_vector",
     "taylor_coefficients",
+    "taylor_polynomial",
 ]
 
 DEFAULT_ORDER = 1
@@ -108,6 +111,15 @@ def power_iteration(
     return u, zv, torch.dot(u, zv)
 
 
+def gram_iterate(gram: Tensor, u: Tensor, n_iterations: int, eps: float) -> Tensor:
+    """``n_iterations`` steps of ``u <- normalize(G u)`` on the ``k x k`` Gram ``G`` (constant)."""
+    gd = gram.detach()
+    u = u.detach()
+    for _ in range(n_iterations):
+        u = _normalize_or_keep(gd @ u, u, eps)
+    return u
+
+
 def gram_power_iteration(
     z: Tensor, gram: Tensor, u: Tensor, n_iterations: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,10 +129,7 @@ def gram_power_iteration(
     can afford many. Then ``v = normalize(Z^T u)`` (constant) and, as in
     :func:`power_iteration`, ``(u, Z v, u^T Z v)`` is returned.
     """
-    gd = gram.detach()
-    u = u.detach()
-    for _ in range(n_iterations):
-        u = _normalize_or_keep(gd @ u, u, eps)
+    u = gram_iterate(gram, u, n_iterations, eps)
     v = _normalize(z.detach().mT @ u, eps)
     zv = z @ v
     return u, zv, torch.dot(u, zv)
@@ -133,8 +142,11 @@ def _add_to_diagonal(p: Tensor, c: float) -> Tensor:
     return p
 
 
-def taylor_polynomial(g: Tensor, order: int) -> Tensor:
-    """``P_K = sum_j c_j (I - G)^j`` by Horner on the ``k x k`` side; ``order >= 1``.
+def taylor_polynomial(gram: Tensor, order: int, scale: Tensor | float = 1.0) -> Tensor:
+    """``P_K = sum_j c_j (I - G)^j`` with ``G = scale * gram``, by Horner on the ``k x k`` side.
+
+    ``order >= 1``. For ``K = 1``, ``P = (c_0 + c_1) I - c_1 scale gram`` is
+    one pass over ``gram`` (the scale folded into the coefficient).
 
     ``I - G`` is never formed and every product is one fused ``addmm``. With
     ``a = c_{K-1} + c_K``, the first two Horner steps are one product,
@@ -144,7 +156,8 @@ def taylor_polynomial(g: Tensor, order: int) -> Tensor:
     """
     c = taylor_coefficients(order)
     if order == 1:
-        return _add_to_diagonal(g * (-c[1]), c[0] + c[1])
+        return _add_to_diagonal(gram * (scale * -c[1]), c[0] + c[1])
+    g = gram * scale
     a = c[order - 1] + c[order]
     p = torch.addmm(g, g, g, beta=-(a + c[order]), alpha=c[order])
     p = _add_to_diagonal(p, c[order - 2] + a)
@@ -178,8 +191,7 @@ def _gram_and_zv(z: Tensor, u: Tensor, n_iterations: int, eps: float) -> tuple[T
     two passes over the ``k x N`` matrix.
     """
     gram = z @ z.mT
-    for _ in range(n_iterations):
-        u = _normalize_or_keep(gram @ u, u, eps)
+    u = gram_iterate(gram, u, n_iterations, eps)
     u = u.clone() if n_iterations == 0 else u  # an output, never the input itself
     gu = gram @ u
     n = torch.dot(u, gu).clamp_min(0.0).sqrt().clamp_min(eps)
@@ -292,12 +304,7 @@ def aon_matrix(
         )
         sigma = torch.dot(u_new, zv)
     inv_sigma = 1.0 / sigma.clamp_min(eps)
-    s = inv_sigma * inv_sigma
-    if order == 1:  # P = (c_0 + c_1) I - c_1 G / sigma^2, scaled in the same pass
-        c = taylor_coefficients(1)
-        p = _add_to_diagonal(gram * (s * -c[1]), c[0] + c[1])
-    else:
-        p = taylor_polynomial(gram * s, order)
+    p = taylor_polynomial(gram, order, inv_sigma * inv_sigma)
     # What = P Zb = P Z / sigma; sigma_hat = u^T What v = u^T P (Z v) / sigma.
     sigma_hat = (torch.dot(u_new, p @ zv) * inv_sigma).clamp_min(eps)
     # Scale the k x k factor, not the k x N product.

@@ -35,7 +35,7 @@ from ._kernel import (
     DEFAULT_ORDER,
     STATELESS_POWER_ITERATIONS,
     aon_matrix,
-    gram_power_iteration,
+    gram_iterate,
     start_vector,
 )
 from ._layout import Layout, from_matrix, layout_of, to_matrix
@@ -522,7 +522,7 @@ class AON(WeightTransform):
                 )
                 u = (u / u.norm().clamp_min(self.eps)).to(w.device)
                 z = to_matrix(w.detach(), layout).to(cdtype)
-                u, _, _ = gram_power_iteration(z, z @ z.mT, u, self.init_iterations, self.eps)
+                u = gram_iterate(z @ z.mT, u, self.init_iterations, self.eps)
                 state[name] = u.clone()
         return state
 
