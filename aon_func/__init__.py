@@ -16,6 +16,7 @@ Public API:
 """
 
 from ._kernel import DEFAULT_ORDER, STATELESS_POWER_ITERATIONS, aon
+from ._layout import Layout
 from ._parametrize import parametrize, remove_parametrizations
 from ._penalties import soft_orthogonality_penalty, srip_penalty
 from ._reference import certified_error, orthogonality_error, polar, singular_value_map
@@ -35,6 +36,7 @@ __all__ = [
     "AON",
     "DEFAULT_ORDER",
     "GAIN_SUFFIX",
+    "Layout",
     "ONI",
     "STATELESS_POWER_ITERATIONS",
     "NewtonSchulz",
