@@ -15,7 +15,13 @@ Public API:
   :func:`polar`, :func:`orthogonality_error`.
 """
 
-from ._kernel import DEFAULT_ORDER, STATELESS_POWER_ITERATIONS, aon
+from ._kernel import (
+    DEFAULT_ORDER,
+    SAFEGUARD_ITERATIONS,
+    SIGMA_HAT_FLOOR,
+    STATELESS_POWER_ITERATIONS,
+    aon,
+)
 from ._layout import Layout
 from ._parametrize import parametrize, remove_parametrizations
 from ._penalties import soft_orthogonality_penalty, srip_penalty
@@ -36,9 +42,11 @@ __all__ = [
     "AON",
     "DEFAULT_ORDER",
     "GAIN_SUFFIX",
-    "Layout",
     "ONI",
+    "SAFEGUARD_ITERATIONS",
+    "SIGMA_HAT_FLOOR",
     "STATELESS_POWER_ITERATIONS",
+    "Layout",
     "NewtonSchulz",
     "Polar",
     "WeightTransform",

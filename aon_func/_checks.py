@@ -7,13 +7,17 @@ dtype, device), never at tensor values, so it is safe to run under
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "EPS_MAX",
+    "check_bool",
     "check_eps",
+    "check_gain",
     "check_nonneg_int",
     "check_out_axis",
     "check_u",
@@ -58,13 +62,37 @@ def check_nonneg_int(value: object, name: str) -> int:
     return int(value)
 
 
+EPS_MAX = 1e-3
+"""Largest accepted ``eps``: the kernels prescale every matrix so that ``s_max >= 1``."""
+
+
 def check_eps(eps: object) -> float:
-    """A positive finite Python number."""
+    """A Python number in ``(0, EPS_MAX]``."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {eps!r} ({type(eps).__name__})")
-    if not (0.0 < float(eps) < float("inf")):
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    if not (0.0 < float(eps) <= EPS_MAX):
+        raise ValueError(
+            f"eps must be a positive float in (0, {EPS_MAX:g}] (a numerical floor: the kernels "
+            f"prescale each matrix to s_max >= 1, so a larger eps would change the result), got {eps}"
+        )
     return float(eps)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """A Python ``bool`` (``1`` and ``"no"`` are refused, not read as truth values)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_gain(value: object, name: str, *, optional: bool = False) -> float:
+    """A finite, positive Python number (a fixed gain, or a learnable gain's initial value)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = "a positive float or None" if optional else "a positive float"
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
 
 
 def check_out_axis(out_axis: object, weight: Tensor, name: str = "weight") -> int:

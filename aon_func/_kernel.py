@@ -1,19 +1,33 @@
-"""The AON kernel: one oriented matrix in, its approximately orthonormal image out.
+"""The AON kernel, natively batched: stacks of oriented matrices ``(..., k, N)`` in, their images out.
 
-Everything in this module is pure: no in-place change of inputs, no
-``.item()``, no Python branching on tensor values, no randomness. It runs
-under ``torch.func.vmap`` (default ``randomness='error'``), ``grad``,
-grad-of-grad, ``jacrev`` and ``torch.compile(fullgraph=True)``.
+One implementation serves a single ``k x N`` matrix, a stack ``(B, k, N)`` (the
+engine's buckets) and ``torch.func.vmap`` over either: every operation is a
+batched matrix product, a reduction over the last axes or an elementwise op,
+with per-matrix scalars kept as ``(..., 1, 1)`` tensors.
+
+Everything here is pure: no in-place change of inputs, no ``.item()``, no
+Python branching on tensor values, no randomness. It runs under
+``torch.func.vmap`` (default ``randomness='error'``), ``grad``, grad-of-grad,
+``jacrev``/``jacfwd`` and ``torch.compile(fullgraph=True)``.
+
+Safeguards (see ``docs/failure-modes.md``): the input is prescaled by its
+largest entry (scale invariance over the dtype's range, ``h(0) = 0`` with a
+zero gradient), the power-iteration state is repaired when zero or not
+finite, ``K >= 1`` runs at least :data:`SAFEGUARD_ITERATIONS` iterations on
+the Gram matrix, and ``sigma`` and ``sigma_hat`` have floors that a
+converged state never reaches.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._checks import (
+    check_bool,
     check_eps,
     check_nonneg_int,
     check_out_axis,
@@ -26,36 +40,53 @@ from ._layout import Layout, from_matrix, layout_of, to_matrix
 __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_ORDER",
+    "SAFEGUARD_ITERATIONS",
+    "SIGMA_HAT_FLOOR",
     "STATELESS_POWER_ITERATIONS",
     "aon",
     "aon_matrix",
-    "gram_iterate",
-    "gram_power_iteration",
-    "power_iteration",
+    "gram_iterations",
+    "power_iterate",
+    "prescale",
+    "repair_state",
     "start_vector",
     "taylor_coefficients",
-    "taylor_polynomial",
 ]
 
 DEFAULT_ORDER = 1
 """Default Taylor order K (see docs/results.md for the evidence behind it)."""
 
 DEFAULT_EPS = 1e-12
-"""Lower clamp of ``sigma`` and ``sigma_hat``: ``h(0) = 0`` instead of NaN."""
+"""Floor of norms and of ``sigma`` in spectral normalisation (``order=0``), as torch's ``eps``."""
 
 STATELESS_POWER_ITERATIONS = 64
-"""Power iterations used when no ``u`` is given (the stateless mode).
+"""Power iterations used when no ``u`` is given (the stateless mode), and by ``AON.init``.
 
 For ``order >= 1`` they run on the ``k x k`` Gram matrix, which the kernel
-forms anyway, at ``2 k^2`` FLOPs each (64 of them cost ``32 / N`` of the
-forward pass). Measured by ``scripts/stateless_iterations.py`` (float32, 20
-seeds): Gaussian (freshly initialised) layers are the hard case, because their
-top singular values are nearly tied; there 64 iterations leave the spectral
-estimate a median 3e-4 (relative) below ``s_max`` at 128 x 256 and 256 x 256,
-about 2e-3 from 256 x 1024 to 1024 x 1024, and up to 2e-2 in the worst seed.
-A layer whose top singular value stands 10% clear of the next converges to
-float32 precision (about 1e-7). Training should carry ``u`` as state instead.
+forms anyway, at ``2 k^2`` FLOPs each. Measured by
+``scripts/stateless_iterations.py``: see docs/algorithm.md, "The stateless mode".
 """
+
+SAFEGUARD_ITERATIONS = 12
+"""Least number of Gram iterations per call for ``order >= 1`` (when ``n_power_iterations >= 1``).
+
+A stale ``u`` underestimates ``sigma``, which puts singular values of
+``Z / sigma`` outside the Taylor series' region (``s < sqrt(2)``). Twelve
+iterations on the Gram bring a ``u`` whose overlap with the top singular
+subspace is ``1e-3`` close enough that ``||h||_2 <= 1.05`` for ``K = 1..8``
+(docs/failure-modes.md has the measurements). They cost ``24 k^2`` FLOPs,
+next to the ``4 k^2 N`` of the kernel's two products.
+"""
+
+SIGMA_HAT_FLOOR = 0.5
+"""Floor of the post-normalisation estimate ``sigma_hat`` (``order >= 1``).
+
+With a converged ``u``, ``sigma_hat = f_K(1) = 1`` exactly, so the floor never
+acts there; it keeps a degenerate state (``u`` orthogonal to the top
+singular vectors) from dividing by a near-zero or negative estimate.
+"""
+
+_RENORM_EVERY = 8  # power-iteration steps between two rescalings of the iterate
 
 
 def taylor_coefficients(order: int) -> tuple[float, ...]:
@@ -66,194 +97,237 @@ def taylor_coefficients(order: int) -> tuple[float, ...]:
     return tuple(c)
 
 
-def start_vector(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def start_vector(k: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """A fixed, deterministic unit vector of length ``k`` with no zero entry.
 
-    Used by the stateless mode. Its entries ``1 + 0.5 cos(2.39996 i)`` (golden
-    angle) are all positive and irregular, so the vector is not orthogonal to
-    the top singular vector of any but specially built matrices.
+    The stateless mode starts from it, and a zero or non-finite state is
+    replaced by it. Its entries ``1 + 0.5 cos(2.39996 i)`` (golden angle) are
+    all positive and irregular, so the vector is orthogonal to the top
+    singular vector of no matrix but specially built ones.
     """
     i = torch.arange(k, dtype=dtype, device=device)
     x = 1.0 + 0.5 * torch.cos(2.399963229728653 * i)
     return x / torch.linalg.vector_norm(x)
 
 
-def _normalize(x: Tensor, eps: float) -> Tensor:
-    return x / torch.linalg.vector_norm(x).clamp_min(eps)
+# ----------------------------------------------------------------------------- building blocks
 
 
-def _normalize_or_keep(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
-    """``x / |x|``, or ``fallback`` where ``|x|`` is tiny or not finite (zero or NaN weights)."""
-    n = torch.linalg.vector_norm(x)
-    ok = torch.isfinite(n) & (n > eps)
-    return torch.where(ok, x / torch.where(ok, n, torch.ones_like(n)), fallback)
+def prescale(z: Tensor) -> Tensor:
+    """``Z / max_ij |Z_ij|`` per matrix, the scale a constant for autograd; the zero matrix stays 0.
 
-
-def power_iteration(
-    z: Tensor, u: Tensor, n_iterations: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Spectral normalisation's ``v = normalize(Z^T u); u = normalize(Z v)``, ``n_iterations`` times.
-
-    ``u`` and ``v`` are constants for autograd. Returns ``(u, zv, sigma)`` with
-    ``zv = Z v`` and ``sigma = u^T Z v``, both differentiable in ``Z``; the
-    last ``Z v`` is shared between the iteration and ``sigma``. With
-    ``n_iterations = 0``, ``v = normalize(Z^T u)`` and ``u`` is kept.
+    Every map here is scale-invariant, so this changes neither the output
+    nor its derivative, and keeps ``Z Z^T`` and the norms in range for any
+    finite weight (``h(c W) = h(W)`` from the smallest normal float to the
+    largest). For the zero matrix (and one whose largest entry is subnormal)
+    the factor is 0, so its output and gradient are exactly zero; NaN and Inf
+    entries still propagate.
     """
-    zd = z.detach()
-    u = u.detach()
-    v = _normalize(zd.mT @ u, eps)
-    for _ in range(n_iterations - 1):
-        u = _normalize_or_keep(zd @ v, u, eps)
-        v = _normalize(zd.mT @ u, eps)
-    zv = z @ v
-    if n_iterations > 0:
-        u = _normalize_or_keep(zv.detach(), u, eps)
-    return u, zv, torch.dot(u, zv)
+    with torch.no_grad():
+        if z.device.type == "cpu":  # the inf-norm kernel is 20x slower there than abs + amax
+            a = z.abs().amax(dim=(-2, -1), keepdim=True)
+        else:
+            a = torch.linalg.vector_norm(z, ord=math.inf, dim=(-2, -1), keepdim=True)
+        inv = a.reciprocal().nan_to_num(nan=0.0, posinf=0.0)
+    return z * inv
 
 
-def gram_iterate(gram: Tensor, u: Tensor, n_iterations: int, eps: float) -> Tensor:
-    """``n_iterations`` steps of ``u <- normalize(G u)`` on the ``k x k`` Gram ``G`` (constant)."""
-    gd = gram.detach()
-    u = u.detach()
-    for _ in range(n_iterations):
-        u = _normalize_or_keep(gd @ u, u, eps)
-    return u
+def repair_state(u: Tensor, fallback: Tensor) -> Tensor:
+    """``u / |u|``, or ``fallback`` where ``u`` is zero or not finite. Shapes ``(..., k, 1)``.
 
-
-def gram_power_iteration(
-    z: Tensor, gram: Tensor, u: Tensor, n_iterations: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The same iteration run on the ``k x k`` Gram ``Z Z^T`` (``u <- normalize(Z Z^T u)``).
-
-    One step costs ``2 k^2`` instead of ``4 k N`` FLOPs, so the stateless mode
-    can afford many. Then ``v = normalize(Z^T u)`` (constant) and, as in
-    :func:`power_iteration`, ``(u, Z v, u^T Z v)`` is returned.
+    ``u`` is first divided by its largest entry, so any finite non-zero
+    vector (``1e-30`` or ``1e30`` alike) keeps its direction. The fallback is
+    the start vector of the matrix's own length.
     """
-    u = gram_iterate(gram, u, n_iterations, eps)
-    v = _normalize(z.detach().mT @ u, eps)
-    zv = z @ v
-    return u, zv, torch.dot(u, zv)
+    with torch.no_grad():
+        a = torch.linalg.vector_norm(u, ord=math.inf, dim=-2, keepdim=True)
+        d = u / a
+        n = torch.linalg.vector_norm(d, dim=-2, keepdim=True)
+        # n is in [1, sqrt(k)] for a finite non-zero u, NaN otherwise (0/0, inf/inf, NaN).
+        return torch.where(n >= 1, d / n, fallback)
 
 
-def _add_to_diagonal(p: Tensor, c: float) -> Tensor:
-    # ``p`` is a fresh intermediate that no autograd node has saved, so adding
-    # on its diagonal in place saves materialising ``c * I``.
-    p.diagonal(dim1=-2, dim2=-1).add_(c)
-    return p
+def power_iterate(m: Tensor, u: Tensor, steps: int, fro: Tensor | None = None) -> Tensor:
+    """``steps`` power-iteration steps ``u <- normalize(M u)`` for symmetric ``M`` (the only loop).
 
-
-def taylor_polynomial(gram: Tensor, order: int, scale: Tensor | float = 1.0) -> Tensor:
-    """``P_K = sum_j c_j (I - G)^j`` with ``G = scale * gram``, by Horner on the ``k x k`` side.
-
-    ``order >= 1``. For ``K = 1``, ``P = (c_0 + c_1) I - c_1 scale gram`` is
-    one pass over ``gram`` (the scale folded into the coefficient).
-
-    ``I - G`` is never formed and every product is one fused ``addmm``. With
-    ``a = c_{K-1} + c_K``, the first two Horner steps are one product,
-    ``P_{K-2} = (c_{K-2} + a) I - (a + c_K) G + c_K G^2``; each further step
-    is ``P <- c_j I + P - G P``. The identity terms are added on the diagonal
-    of the fresh product in place. ``K - 1`` products in all (none for ``K = 1``).
+    ``M`` (``(..., k, k)``, no gradient) is first divided by its Frobenius
+    norm ``fro`` (computed when not given), so ``|M u| <= |u|`` and nothing
+    overflows; the iterate is rescaled every few steps, so nothing
+    underflows. Returns the unit result, or ``u`` itself where the iterate
+    vanished or is not finite (zero or NaN weights: a bad step does not
+    poison the state). AON runs it on a power of the Gram ``Z Z^T``
+    (:func:`aon_matrix`, ``AON.init``), SRIP on ``Z Z^T - I``.
     """
-    c = taylor_coefficients(order)
-    if order == 1:
-        return _add_to_diagonal(gram * (scale * -c[1]), c[0] + c[1])
-    g = gram * scale
-    a = c[order - 1] + c[order]
-    p = torch.addmm(g, g, g, beta=-(a + c[order]), alpha=c[order])
-    p = _add_to_diagonal(p, c[order - 2] + a)
-    for j in range(order - 3, -1, -1):
-        p = _add_to_diagonal(torch.addmm(p, g, p, alpha=-1.0), c[j])
-    return p
+    if steps == 0:
+        return u
+    with torch.no_grad():
+        if fro is None:
+            fro = torch.linalg.vector_norm(m, dim=(-2, -1), keepdim=True)
+        x = u
+        mn = m / fro
+        for t in range(steps):
+            x = mn @ x
+            if t % _RENORM_EVERY == _RENORM_EVERY - 1 and t != steps - 1:
+                x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        n = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        return torch.where(n > 0, x / n, u)
 
 
-def _prescale(z: Tensor) -> Tensor:
-    """``Z / max_ij |Z_ij|``, a constant scale: no overflow or underflow in ``Z Z^T`` and the norms.
+def gram_iterations(n_power_iterations: int) -> int:
+    """Gram iterations the kernel runs for ``order >= 1``: at least :data:`SAFEGUARD_ITERATIONS`.
 
-    ``h`` is scale-invariant (with ``u, v`` held fixed too), so this changes
-    neither ``h`` nor its derivatives, and makes ``h(c W) = h(W)`` hold for
-    every finite weight, not only for those with ``s_max`` between about
-    ``1e-6`` (below which ``|Z Z^T u|`` falls under ``eps``) and ``1e9`` (above
-    which its square overflows float32). Zero and non-finite weights are left
-    as they are, so ``eps`` and the NaN policy act as before.
+    ``0`` stays ``0`` (use the given ``u`` as it is).
     """
-    if z.shape[-2] == 0 or z.shape[-1] == 0:
-        return z
-    a = torch.amax(z.detach().abs())
-    return z / torch.where(torch.isfinite(a) & (a > 0), a, torch.ones_like(a))
+    return max(n_power_iterations, SAFEGUARD_ITERATIONS) if n_power_iterations > 0 else 0
 
 
-def _gram_and_zv(z: Tensor, u: Tensor, n_iterations: int, eps: float) -> tuple[Tensor, ...]:
-    """``(G, Z v, u, |Z^T u|)`` from ``G = Z Z^T`` alone: no pass over ``Z`` but the product.
+def _gram_power(device: torch.device, order: int, iterations: int) -> int:
+    """Which power ``G^p`` of the Gram the iteration runs on: ``p`` steps in one product.
 
-    ``u`` runs ``n_iterations`` steps on ``G`` (as :func:`gram_power_iteration`),
-    then ``v = Z^T u / |Z^T u|``, so ``Z v = G u / |Z^T u|`` and
-    ``|Z^T u| = sqrt(u^T G u)``: ``k x k`` matrix-vector products instead of
-    two passes over the ``k x N`` matrix.
+    ``G^2`` is a product Horner needs anyway for ``K >= 2``; on accelerators,
+    where a launch costs more than a ``k x k`` product, ``G^4`` too (one
+    product, three quarters of the launches saved). The iterate is
+    ``G^T u`` up to rounding whichever the power.
     """
-    gram = z @ z.mT
-    u = gram_iterate(gram, u, n_iterations, eps)
-    u = u.clone() if n_iterations == 0 else u  # an output, never the input itself
-    gu = gram @ u
-    n = torch.dot(u, gu).clamp_min(0.0).sqrt().clamp_min(eps)
-    return gram, gu / n, u, n
+    if iterations < 4:
+        return 1
+    if device.type != "cpu":
+        return 4 if iterations % 4 == 0 else 2 if iterations % 2 == 0 else 1
+    return 2 if order >= 2 and iterations % 2 == 0 else 1
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
+    """``beta c + alpha a @ b`` in one fused call, for one matrix or a stack."""
+    if a.ndim == 2 and c.ndim <= 2:
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha)
+    if a.ndim == 3:
+        return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+    return beta * c + alpha * (a @ b)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; ``bmm`` for stacks (its backward is two ``bmm``, matmul's adds reshapes)."""
+    return torch.bmm(a, b) if a.ndim == 3 and b.ndim == 3 else a @ b
+
+
+# ----------------------------------------------------------------------------- Gram and Z v
+
+
+def _gram_state(
+    z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(G, G^2, Z v, u, w, floor)``.
+
+    The Gram ``G = Z Z^T`` and, when ``squared``, ``G^2`` (else an empty
+    tensor); the state after ``iterations`` Gram steps (run as
+    ``iterations / power`` steps on ``G^power``); ``w = u / |Z^T u|``;
+    ``Z v = G w`` with ``v = Z^T w`` (no pass over ``Z`` but the product);
+    and the floor of ``sigma``.
+
+    The floor is ``max(sqrt(||G||_F^2 / tr G), 1) / 2``. Since
+    ``sum s^4 / sum s^2 <= s_max^2`` and ``s_max >= 1`` after prescaling, it is
+    at most ``s_max / 2``: a converged ``sigma`` never meets it. It depends only
+    on the singular values (orthogonal equivariance holds) and not on ``k``
+    (zero padding stays exact), and it keeps ``s_max / sigma <= 2 sqrt(k)``
+    whatever ``u`` is, so ``h`` stays finite.
+    """
+    gram = _mm(z, z.mT)
+    with torch.no_grad():
+        g2 = _mm(gram, gram) if squared or power >= 2 else gram.new_empty(0)
+        fro = torch.linalg.vector_norm(gram, dim=(-2, -1), keepdim=True)
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
+        # fmax: 0 * inf = NaN for the zero matrix gives the other operand, 1/2.
+        floor = torch.fmax(fro * (4.0 * trace).rsqrt(), torch.full_like(fro, 0.5))
+        u = repair_state(u, fallback)
+        if power == 1:
+            u = power_iterate(gram, u, iterations, fro)
+        elif power == 2:
+            u = power_iterate(g2, u, iterations // 2, fro * fro)
+        else:
+            u = power_iterate(g2 @ g2, u, iterations // 4, (fro * fro) ** 2)
+        gu = gram @ u
+        inv_n = (u.mT @ gu).rsqrt().nan_to_num(posinf=0.0)  # 1 / |Z^T u|, 0 for Z = 0
+        zv = gu * inv_n
+        w = u * inv_n
+    return gram, g2, zv, u, w, floor
 
 
 class _GramZv(torch.autograd.Function):
-    """``(Z Z^T, Z v)`` with ``v = normalize(Z^T u)`` constant, and one backward product.
+    """``(Z Z^T, (Z Z^T)^2, Z v)`` with ``v = Z^T u / n`` constant, and a one-product backward.
 
-    Autograd through ``z @ z.mT`` and ``z @ v`` would run two ``k x k @ k x N``
-    products, an outer product ``dzv v^T`` and two ``k x N`` sums. Since
-    ``v = Z^T u / n``, ``dzv v^T = (dzv u^T / n) Z``, so the whole gradient
-    is one product ``(dG + dG^T + dzv u^T / n) Z``. ``u`` and ``n`` are
-    constants for autograd (the power iteration's), ``Z`` is saved, so the
-    backward is differentiable (grad-of-grad); ``jvp`` serves forward mode
-    and ``vmap`` uses the generated rule.
+    Autograd through ``z @ z.mT``, its square and ``z @ v`` would run two
+    ``k x k @ k x N`` products for the Gram, an outer product ``dzv v^T`` and
+    two ``k x N`` sums. Since ``v = Z^T u / n``, ``dzv v^T = (dzv u^T / n) Z``,
+    so the whole gradient is one product ``(D + D^T + dzv w^T) Z`` with
+    ``D = dG + dG2 G + G dG2`` and ``w = u / n``. ``u`` and ``w`` are constants
+    for autograd (the power iteration's); ``Z`` and ``G`` are saved (``G`` as an output, so the
+    backward is differentiable: grad-of-grad); ``vmap`` uses the generated
+    rule. Dynamo cannot trace a custom ``jvp``, so compiled code uses this
+    class and eager code :class:`_GramZvFwd`, which adds forward mode.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z: Tensor, u: Tensor, n_iterations: int, eps: float) -> tuple[Tensor, ...]:
-        return _gram_and_zv(z, u, n_iterations, eps)
+    def forward(
+        z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
+    ) -> tuple[Tensor, ...]:
+        return _gram_state(z, u, fallback, iterations, power, squared)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         z = inputs[0]
-        _, _, u, n = output
-        ctx.mark_non_differentiable(u, n)
-        ctx.save_for_backward(z, u, n)
-        ctx.save_for_forward(z, u, n)
+        gram, _, _, u, w, floor = output
+        ctx.mark_non_differentiable(u, w, floor)
+        ctx.set_materialize_grads(False)
+        ctx.squared = inputs[5]
+        ctx.save_for_backward(z, w, gram)
+        ctx.save_for_forward(z, w, gram)
 
     @staticmethod
     def backward(
-        ctx: Any, dg: Tensor, dzv: Tensor, du: Tensor | None, dn: Tensor | None
-    ) -> tuple[Tensor, None, None, None]:
-        z, u, n = ctx.saved_tensors
-        grad: Tensor = _GramZvGrad.apply(dg, dzv, z, u / n)  # type: ignore[no-untyped-call]
-        return grad, None, None, None
+        ctx: Any, dg: Tensor | None, dg2: Tensor | None, dzv: Tensor | None, *_: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
+        z, w, gram = ctx.saved_tensors
+        if dg2 is not None and ctx.squared:
+            d2 = _addmm(_mm(dg2, gram), gram, dg2, beta=1.0, alpha=1.0)
+            dg = d2 if dg is None else dg + d2
+        if dg is None and dzv is None:
+            return None, None, None, None, None, None
+        if dg is None:
+            dg = torch.zeros_like(gram)
+        if dzv is None:
+            dzv = torch.zeros_like(w)
+        fn = _GramZvGrad if torch.compiler.is_compiling() else _GramZvGradFwd
+        grad: Tensor = fn.apply(dg, dzv, z, w)  # type: ignore[no-untyped-call]
+        return grad, None, None, None, None, None
+
+
+class _GramZvFwd(_GramZv):
+    """:class:`_GramZv` with forward-mode AD (``jvp``) for eager code."""
 
     @staticmethod
-    def jvp(
-        ctx: Any, dz: Tensor, du: Tensor | None, d_iter: None, d_eps: None
-    ) -> tuple[Tensor, Tensor, None, None]:
-        z, u, n = ctx.saved_tensors
+    def jvp(ctx: Any, dz: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
+        z, w, gram = ctx.saved_tensors
         a = dz @ z.mT
-        return a + a.mT, dz @ ((z.mT @ u) / n), None, None
+        dg = a + a.mT
+        dg2 = dg @ gram + gram @ dg if ctx.squared else gram.new_empty(0)
+        return dg, dg2, dz @ (z.mT @ w), None, None, None
 
 
 class _GramZvGrad(torch.autograd.Function):
-    """``_GramZv``'s gradient ``(dG + dG^T + dzv w^T) Z`` (``w = u / n``) in one product.
+    """``_GramZv``'s gradient ``(D + D^T + dzv w^T) Z`` (``w = u / n``) in one product.
 
     Its own derivative keeps ``v = Z^T w`` constant, as the forward does: in
-    ``Z``, only the ``(dG + dG^T) Z`` part varies. The ops below are
-    differentiable, so higher orders work too.
+    ``Z``, only the ``(D + D^T) Z`` part varies. The ops are differentiable,
+    so higher orders work too.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(dg: Tensor, dzv: Tensor, z: Tensor, w: Tensor) -> Tensor:
-        return (dg + dg.mT + torch.outer(dzv, w)) @ z
+        return (dg + dg.mT + dzv @ w.mT) @ z
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -267,10 +341,81 @@ class _GramZvGrad(torch.autograd.Function):
         a = dout @ z.mT
         return a + a.mT, a @ w, (dg + dg.mT) @ dout, None
 
+
+class _GramZvGradFwd(_GramZvGrad):
+    """:class:`_GramZvGrad` with forward-mode AD (``jvp``) for eager code."""
+
     @staticmethod
     def jvp(ctx: Any, ddg: Tensor, ddzv: Tensor, dz: Tensor, dw: Tensor | None) -> Tensor:
         dg, z, w = ctx.saved_tensors
-        return (ddg + ddg.mT + torch.outer(ddzv, w)) @ z + (dg + dg.mT) @ dz
+        return (ddg + ddg.mT + ddzv @ w.mT) @ z + (dg + dg.mT) @ dz
+
+
+def _gram_zv(
+    z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = _GramZv if torch.compiler.is_compiling() else _GramZvFwd
+    return fn.apply(z, u, fallback, iterations, power, squared)  # type: ignore[no-untyped-call]
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+def _spectral_normalisation(
+    z: Tensor, u: Tensor, fallback: Tensor, iterations: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Miyato's loop ``v = normalize(Z^T u); u = normalize(Z v)``, ``iterations`` times.
+
+    ``(u_new, sigma)`` with ``sigma = u^T Z v`` differentiable in ``Z`` and
+    ``u, v`` constant: step for step ``torch.nn.utils.parametrizations.spectral_norm``.
+    The last ``Z v`` is shared between the iteration and ``sigma``.
+    """
+
+    def unit(x: Tensor) -> Tensor:
+        return x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(eps)
+
+    def step(x: Tensor, keep: Tensor) -> Tensor:
+        n = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        return torch.where(n > eps, x / n.clamp_min(eps), keep)
+
+    with torch.no_grad():  # detach: u and v are constants in forward mode too
+        zd = z.detach()
+        u = repair_state(u, fallback)
+        for _ in range(iterations - 1):
+            u = step(zd @ unit(zd.mT @ u), u)
+        v = unit(zd.mT @ u)
+    zv = z @ v
+    if iterations > 0:
+        with torch.no_grad():
+            u = step(zv.detach(), u)
+    return u, u.mT @ zv
+
+
+def _horner(gram: Tensor, g2: Tensor, s1: Tensor, order: int, eye: Tensor) -> tuple[Tensor, float]:
+    """``(P, a)`` with ``a P = P_K(s1 G) = sum_j c_j (I - s1 G)^j`` (``a`` a Python number).
+
+    ``P_K`` is only needed up to a positive factor (the post-normalisation
+    divides it out), so the identity terms become a plain ``I`` (``eye``, a
+    constant) and their coefficients go into ``a``. With ``X = s1 G``:
+    ``K = 1`` is ``(c_0 + c_1) (I - c_1 / (c_0 + c_1) X)``, one ``addcmul``;
+    for ``K >= 2`` the first two Horner steps are ``A I + B X + C X^2``, two
+    ``addcmul`` with ``G^2`` (which the power iteration shares), and each
+    further step is ``P <- c_j I + (I - X) P``, one ``baddbmm``: ``K - 1``
+    products in all, counting ``G^2``.
+    """
+    c = taylor_coefficients(order)
+    if order == 1:
+        a = c[0] + c[1]
+        return torch.addcmul(eye, gram, s1, value=-c[1] / a), a
+    a = c[order - 2] + c[order - 1] + c[order]
+    b = -(c[order - 1] + 2 * c[order]) / a
+    p = torch.addcmul(torch.addcmul(eye, gram, s1, value=b), g2, s1 * s1, value=c[order] / a)
+    if order > 2:
+        q = torch.addcmul(eye, gram, s1, value=-1.0)  # I - X
+        for j in range(order - 3, -1, -1):
+            # c_j I + (I - X) a P = a (c_j / a I + (I - X) P): the factor a carries over.
+            p = _addmm(eye, q, p, beta=c[j] / a, alpha=1.0)
+    return p, a
 
 
 def aon_matrix(
@@ -280,35 +425,49 @@ def aon_matrix(
     order: int,
     n_power_iterations: int,
     eps: float = DEFAULT_EPS,
+    fallback: Tensor | None = None,
+    eye: Tensor | None = None,
+    gain: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """AON of one oriented ``k x N`` matrix (``k <= N``), in its own dtype.
+    """AON of a stack of oriented matrices ``z`` ``(..., k, N)`` (``k <= N``), in ``z``'s dtype.
 
-    Returns ``(h, u_new)``. No validation: callers check at the boundary.
-    Cost: ``2 k^2 N`` (Gram) ``+ 2 (K-1) k^3`` (Horner) ``+ 2 k^2 N``
-    (product) ``+ 2 k^2`` per power iteration ``+ 4 k^2``; the power
-    iteration and ``Z v`` run on the Gram (no pass over ``Z``), and the
-    backward is ``2K + 1`` products of those sizes (see ``_GramZv``).
+    ``u`` is the state ``(..., k)``; ``fallback`` (``(..., k)``) the start
+    vectors that replace a zero or non-finite state (default
+    :func:`start_vector`); ``eye`` the ``k x k`` identity in ``z``'s dtype
+    (a cached constant, made when not given); ``gain`` a fixed number or a
+    ``(..., 1, 1)`` tensor multiplied into ``h``. Returns ``(h, u_new)``. No
+    validation: callers check at the boundary. ``order >= 1`` runs
+    :func:`gram_iterations` steps on the Gram.
+
+    Cost per matrix: ``2 k^2 N`` (Gram) ``+ 2 (K-1) k^3`` (Horner) ``+ 2 k^2 N``
+    (product) ``+ 2 k^2`` per power iteration; the backward is ``2K + 1``
+    products of those sizes (see ``_GramZv``).
     """
-    z = _prescale(z)
+    k, n_cols = z.shape[-2], z.shape[-1]
+    if k == 0 or n_cols == 0:
+        return z * 1.0, u * 1.0
+    ucol = u.unsqueeze(-1)
+    fb = (start_vector(k, z.dtype, z.device) if fallback is None else fallback).unsqueeze(-1)
+    zs = prescale(z)
     if order == 0:
-        u_new, zv, sigma = power_iteration(z, u, n_power_iterations, eps)
-        return z / sigma.clamp_min(eps), u_new
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace an autograd.Function with a custom jvp: compiled
-        # code takes plain autograd (same values up to rounding).
-        gram = z @ z.mT
-        u_new, zv, sigma = gram_power_iteration(z, gram, u, n_power_iterations, eps)
-    else:
-        gram, zv, u_new, _ = _GramZv.apply(  # type: ignore[no-untyped-call]
-            z, u.detach(), n_power_iterations, eps
-        )
-        sigma = torch.dot(u_new, zv)
-    inv_sigma = 1.0 / sigma.clamp_min(eps)
-    p = taylor_polynomial(gram, order, inv_sigma * inv_sigma)
-    # What = P Zb = P Z / sigma; sigma_hat = u^T What v = u^T P (Z v) / sigma.
-    sigma_hat = (torch.dot(u_new, p @ zv) * inv_sigma).clamp_min(eps)
+        u_new, sigma = _spectral_normalisation(zs, ucol, fb, n_power_iterations, eps)
+        scale = sigma.clamp_min(eps).reciprocal()
+        h = zs * (scale if gain is None else scale * gain)
+        return h, u_new.squeeze(-1)
+    if eye is None:
+        eye = torch.eye(k, dtype=z.dtype, device=z.device)
+    iterations = gram_iterations(n_power_iterations)
+    power = _gram_power(z.device, order, iterations)
+    gram, g2, zv, u_new, _, floor = _gram_zv(zs, ucol, fb, iterations, power, order >= 2)
+    ut = u_new.mT
+    # sigma = u^T Z v = |Z^T u|, differentiable with u, v constant; never below the floor.
+    inv_sigma = torch.clamp(_mm(ut, zv), min=floor).reciprocal()
+    p, a = _horner(gram, g2, inv_sigma * inv_sigma, order, eye)
+    # What = a P Z / sigma; sigma_hat = u^T What v = a u^T P (Z v) / sigma.
+    sigma_hat = (_mm(ut, _mm(p, zv)) * inv_sigma).clamp_min(SIGMA_HAT_FLOOR / a)
+    scale = inv_sigma / sigma_hat if gain is None else inv_sigma * gain / sigma_hat
     # Scale the k x k factor, not the k x N product.
-    return (p * (inv_sigma / sigma_hat)) @ z, u_new
+    return _mm(p * scale, zs), u_new.squeeze(-1)
 
 
 def aon(
@@ -342,11 +501,15 @@ def aon(
             of the matrix view, in the compute dtype. ``None`` is the
             stateless mode: start from a fixed vector and run
             ``max(n_power_iterations, STATELESS_POWER_ITERATIONS)`` iterations.
+            A zero or non-finite ``u`` is replaced by that fixed vector.
         order: Taylor order ``K >= 0``; ``0`` is spectral normalisation.
-        n_power_iterations: power-iteration steps (``0`` only with a given ``u``).
+        n_power_iterations: power-iteration steps (``0`` only with a given
+            ``u``, used as it is). For ``order >= 1`` at least
+            ``SAFEGUARD_ITERATIONS`` (12) steps run on the Gram matrix.
         out_axis: the output (neuron) axis: 0 for Linear/Conv, 1 for ConvTranspose.
         training: when ``False`` the given ``u`` is returned unchanged.
-        eps: lower clamp of the spectral estimates (``h(0) = 0``).
+        eps: floor of norms and of ``sigma`` for ``order=0`` (as torch's
+            ``eps``), in ``(0, 1e-3]``.
         compute_dtype: dtype of the computation; default float32 for
             float16/bfloat16 weights and the weight's dtype otherwise.
 
@@ -367,11 +530,12 @@ def aon(
         (1.0, 0.17, 0.41)
         >>> torch.allclose(s, aon_func.singular_value_map(s_w / s_w.max(), 4), atol=1e-4)
         True
-        >>> h2, u2 = aon_func.aon(w, u, order=4)  # stateful: one more iteration
+        >>> h2, u2 = aon_func.aon(w, u, order=4)  # stateful: one more step
     """
     weight = check_weight(weight)
     order = check_nonneg_int(order, "order")
     n_power_iterations = check_nonneg_int(n_power_iterations, "n_power_iterations")
+    training = check_bool(training, "training")
     eps = check_eps(eps)
     axis = check_out_axis(out_axis, weight)
     layout = layout_of(weight.shape, axis)

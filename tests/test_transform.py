@@ -326,8 +326,8 @@ def test_for_module_exclude_and_errors() -> None:
 def test_neighbours_run_on_the_engine() -> None:
     params = _params(dtype=torch.float64)
     for t, fn in (
-        (ONI(iterations=4), lambda z: oni_matrix(z, 4, 1e-12)),
-        (NewtonSchulz(steps=3), lambda z: newton_schulz_matrix(z, 3, 1e-12)),
+        (ONI(iterations=4), lambda z: oni_matrix(z, 4)),
+        (NewtonSchulz(steps=3), lambda z: newton_schulz_matrix(z, 3)),
         (Polar(), None),
     ):
         assert t.init(params) == {}

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import aon_func
 from aon_func import AON
 
 Tensors = dict[str, Tensor]
@@ -239,11 +240,13 @@ def test_maml_outer_gradient_matches_finite_differences(device: torch.device) ->
         return (w.mT if tall else w), tall
 
     def uv_of(p: Tensors) -> dict[str, tuple[Tensor, Tensor]]:
-        # what the kernel's one power iteration does from the state, on detached weights
+        # what the kernel's Gram iterations (at least SAFEGUARD_ITERATIONS) do from the state
         out = {}
         for n in names:
             z, _ = oriented(p[n].detach())
-            u = F.normalize(z @ z.mT @ state[n], dim=0)
+            u = state[n]
+            for _ in range(aon_func.SAFEGUARD_ITERATIONS):
+                u = F.normalize(z @ z.mT @ u, dim=0)
             out[n] = (u, F.normalize(z.mT @ u, dim=0))
         return out
 
