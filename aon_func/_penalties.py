@@ -15,7 +15,13 @@ from torch import Tensor
 
 from ._checks import check_eps, check_nonneg_int, check_out_axis, check_u, check_weight
 from ._checks import compute_dtype_for as _compute_dtype_for
-from ._kernel import DEFAULT_EPS, STATELESS_POWER_ITERATIONS, start_vector
+from ._kernel import (
+    DEFAULT_EPS,
+    STATELESS_POWER_ITERATIONS,
+    power_iterate,
+    repair_state,
+    start_vector,
+)
 from ._layout import layout_of, to_matrix
 
 __all__ = ["soft_orthogonality_penalty", "srip_penalty"]
@@ -59,12 +65,6 @@ def soft_orthogonality_penalty(weight: Tensor, *, out_axis: int = 0) -> Tensor:
     return (a * a).sum()
 
 
-def _normalize_or_keep(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
-    n = torch.linalg.vector_norm(x)
-    ok = torch.isfinite(n) & (n > eps)
-    return torch.where(ok, x / torch.where(ok, n, torch.ones_like(n)), fallback)
-
-
 def srip_penalty(
     weight: Tensor,
     u: Tensor | None = None,
@@ -90,10 +90,13 @@ def srip_penalty(
         weight: floating tensor with ``ndim >= 2``.
         u: state, shape ``(k,)`` in the compute dtype. ``None`` starts from a
             fixed vector and runs ``max(n_power_iterations, 64)`` iterations
-            (the stateless mode; its ``u_new`` is a good initial state).
+            (the stateless mode; its ``u_new`` is a good initial state). A
+            zero or non-finite ``u`` is replaced by that fixed vector.
         n_power_iterations: power-iteration steps (``0`` only with a given ``u``).
         out_axis: the output (neuron) axis: 0 for Linear/Conv, 1 for ConvTranspose.
-        eps: norms below ``eps`` keep the previous ``u``.
+        eps: accepted for symmetry with :func:`aon_func.aon`, in ``(0, 1e-3]``;
+            the shared power iteration keeps the previous ``u`` wherever the
+            iterate vanishes or is not finite.
 
     Returns:
         ``(penalty, u_new)``: a 0-d tensor differentiable in ``weight``, and
@@ -124,8 +127,7 @@ def srip_penalty(
     else:
         u0 = check_u(u, k, a.dtype, weight.device).detach()
         iterations = n_power_iterations
-    ad = a.detach()
-    for _ in range(iterations):
-        u0 = _normalize_or_keep(ad @ u0, u0, eps)
-    au = a @ u0
-    return torch.dot(au, au), u0
+    start = repair_state(u0.unsqueeze(-1), start_vector(k, a.dtype, a.device).unsqueeze(-1))
+    u1 = power_iterate(a.detach(), start, iterations).squeeze(-1)
+    au = a @ u1
+    return torch.dot(au, au), u1

@@ -8,6 +8,7 @@ from torch import Tensor
 from ._checks import check_nonneg_int, check_out_axis, check_weight, compute_dtype_for
 from ._kernel import taylor_coefficients
 from ._layout import from_matrix, layout_of, to_matrix
+from ._neighbours import polar_matrix
 
 __all__ = ["certified_error", "orthogonality_error", "polar", "singular_value_map"]
 
@@ -73,7 +74,8 @@ def polar(weight: Tensor, out_axis: int = 0) -> Tensor:
     r"""The exact orthonormal factor ``U V^T`` of the matrix view, by SVD.
 
     The limit of AON as ``K -> inf`` and the map of orthogonal weight
-    normalisation (OWN). Same orientation rules as :func:`aon` (tall matrices
+    normalisation (OWN), the same function as :class:`aon_func.Polar`
+    (singular values at rounding level map to 0). Same orientation rules as :func:`aon` (tall matrices
     get orthonormal columns); computed in float32 for half-precision input.
 
     Example:
@@ -85,8 +87,7 @@ def polar(weight: Tensor, out_axis: int = 0) -> Tensor:
     weight = check_weight(weight)
     layout = layout_of(weight.shape, check_out_axis(out_axis, weight))
     z = to_matrix(weight, layout).to(compute_dtype_for(weight.dtype))
-    u, _, vh = torch.linalg.svd(z, full_matrices=False)
-    return from_matrix(u @ vh, layout).to(weight.dtype)
+    return from_matrix(polar_matrix(z), layout).to(weight.dtype)
 
 
 def orthogonality_error(weight: Tensor, out_axis: int = 0) -> Tensor:

@@ -69,9 +69,12 @@ def test_srip_state_tracks_and_is_lower_bound() -> None:
         values.append(float(p))
         assert float(p) <= exact * (1 + 1e-5)
     assert values[-1] == pytest.approx(exact, rel=1e-3)
-    # n_power_iterations=0 keeps u
+    # n_power_iterations=0 keeps u (normalised again)
     _, u0 = srip_penalty(w, u, n_power_iterations=0)
-    assert torch.equal(u0, u)
+    torch.testing.assert_close(u0, u, rtol=0, atol=1e-6)
+    # a broken state is replaced by the start vector, not propagated
+    p_nan, u_nan = srip_penalty(w, torch.full((20,), float("nan")))
+    assert bool(torch.isfinite(p_nan)) and bool(torch.isfinite(u_nan).all())
 
 
 def test_srip_gradcheck_with_fixed_u() -> None:
