@@ -74,7 +74,8 @@ def test_srip_state_tracks_and_is_lower_bound() -> None:
     torch.testing.assert_close(u0, u, rtol=0, atol=1e-6)
     # a broken state is replaced by the start vector, not propagated
     p_nan, u_nan = srip_penalty(w, torch.full((20,), float("nan")))
-    assert bool(torch.isfinite(p_nan)) and bool(torch.isfinite(u_nan).all())
+    assert bool(torch.isfinite(p_nan))
+    assert bool(torch.isfinite(u_nan).all())
 
 
 def test_srip_gradcheck_with_fixed_u() -> None:
