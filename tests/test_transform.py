@@ -94,7 +94,7 @@ def test_init_is_deterministic_unit_and_warm(device: torch.device) -> None:
         if z.shape[0] > z.shape[1]:
             z = z.mT
         s_max = torch.linalg.matrix_norm(z, ord=2)
-        assert torch.linalg.vector_norm(z.mT @ u) == pytest.approx(s_max.item(), rel=1e-3)
+        assert float(torch.linalg.vector_norm(z.mT @ u)) == pytest.approx(s_max.item(), rel=1e-3)
     assert any(not torch.equal(s1[n], s3[n]) for n in s1)
     assert AON().init(params).keys() == s1.keys()  # no generator: torch's default one
 

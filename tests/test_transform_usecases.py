@@ -360,7 +360,9 @@ def test_ensemble_vmap_equals_separate_models(kind: str, device: torch.device) -
         )
         torch.testing.assert_close(loss[i], loss_i, rtol=1e-5, atol=1e-6)
         for got, want in ((p1, p_i), (b1, b_i), (s1, s_i)):
-            _assert_dicts_close({k: v[i] for k, v in got.items()}, want, rtol=1e-4, atol=1e-5)
+            # Batched and single convolutions round differently (cuDNN picks other
+            # algorithms): BatchNorm's running mean differed by 1.4e-5 on an H200.
+            _assert_dicts_close({k: v[i] for k, v in got.items()}, want, rtol=1e-4, atol=5e-5)
 
 
 # ---------------------------------------------------------------- torch.compile
