@@ -11,10 +11,14 @@ Public API:
 - :class:`AON`: the whole-model transform (``init``/``apply``/``functional_call``),
   and its neighbours on the same engine: :class:`Polar`, :class:`ONI`,
   :class:`NewtonSchulz` (spectral normalisation is ``AON(order=0)``).
+- Models: :func:`register_layer` (layer types beyond ``torch.nn`` for
+  :meth:`AON.for_module`), and :mod:`aon_func.nn`'s ``aon_norm`` (one tensor,
+  in the style of torch's ``spectral_norm``).
 - References: :func:`singular_value_map`, :func:`certified_error`,
   :func:`polar`, :func:`orthogonality_error`.
 """
 
+from . import nn
 from ._kernel import (
     DEFAULT_ORDER,
     SAFEGUARD_ITERATIONS,
@@ -26,6 +30,7 @@ from ._layout import Layout
 from ._parametrize import parametrize, remove_parametrizations
 from ._penalties import soft_orthogonality_penalty, srip_penalty
 from ._reference import certified_error, orthogonality_error, polar, singular_value_map
+from ._select import register_layer
 from ._transform import (
     AON,
     GAIN_SUFFIX,
@@ -54,9 +59,11 @@ __all__ = [
     "aon",
     "certified_error",
     "gain_key",
+    "nn",
     "orthogonality_error",
     "parametrize",
     "polar",
+    "register_layer",
     "remove_parametrizations",
     "singular_value_map",
     "soft_orthogonality_penalty",

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from ._checks import check_gain
+from ._checks import check_gain, describe
+from ._select import parameter_aliases
 from ._transform import AON, State, WeightTransform, gain_key
 
 __all__ = ["WeightParametrization", "parametrize", "remove_parametrizations"]
@@ -60,6 +61,7 @@ class WeightParametrization(nn.Module):
         like: Tensor,
     ) -> None:
         super().__init__()
+        self._shape = like.shape
         self.transform = dataclasses.replace(
             transform, include=frozenset({_KEY}), out_axes={_KEY: out_axis}
         )
@@ -106,6 +108,21 @@ class WeightParametrization(nn.Module):
         with torch.no_grad():
             u.copy_(new_state[_KEY])
         return weights[_KEY]
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """Assignment ``module.weight = W`` stores ``W`` as the raw weight (reading gives ``g * h(W)``).
+
+        As for ``torch.nn.utils.parametrizations.spectral_norm``: ``h`` is not
+        inverted. ``W`` must keep the weight's shape (and dtype: torch checks it).
+        """
+        if not isinstance(value, Tensor):
+            raise TypeError(f"the assigned weight must be a Tensor, got {type(value).__name__}")
+        if value.shape != self._shape:
+            raise ValueError(
+                f"the assigned weight must have shape={tuple(self._shape)} (the parametrized "
+                f"weight's), got {describe(value)}"
+            )
+        return value
 
     def extra_repr(self) -> str:
         t = self.transform
@@ -181,14 +198,14 @@ def parametrize(
             "call aon_func.remove_parametrizations(module) first"
         )
     params = dict(module.named_parameters())
+    aliases = parameter_aliases(module)
+    _check_tied_names(transform, aliases)
     selected = transform.select(params)
     if state is None:
         state = transform.init(params, generator=generator)
     else:
         transform.check_state(params, state, selected)
     for name, layout in selected.items():
-        owner_name, _, tensor_name = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
         p = WeightParametrization(
             transform,
             out_axis=layout.out_axis,
@@ -196,13 +213,33 @@ def parametrize(
             gain=learnable_gain,
             like=params[name],
         )
-        torch_parametrize.register_parametrization(owner, tensor_name, p)
-        # Registration runs forward once (a shape check), which advanced u
-        # in training mode: put the given state back.
+        # A tied tensor gets the same parametrization at each of its names:
+        # the raw tensor stays shared, and every use reads g * h(W).
+        for alias in aliases.get(name, (name,)):
+            owner_name, _, tensor_name = alias.rpartition(".")
+            torch_parametrize.register_parametrization(
+                module.get_submodule(owner_name), tensor_name, p
+            )
+        # Registration runs forward (shape checks), which advanced u in
+        # training mode: put the given state back.
         if p.u is not None:
             with torch.no_grad():
                 p.u.copy_(state[name])
     return module
+
+
+def _check_tied_names(transform: WeightTransform, aliases: dict[str, tuple[str, ...]]) -> None:
+    """A tied tensor must be named by its canonical name (``named_parameters()``'s)."""
+    names = transform.include if isinstance(transform.include, frozenset) else frozenset()
+    canonical = {a: c for c, group in aliases.items() for a in group[1:]}
+    for name in sorted(names | set(transform.out_axes)):
+        if name in canonical:
+            c = canonical[name]
+            raise ValueError(
+                f"{name!r} is tied: it is the same tensor as {c!r} (all its names: "
+                f"{list(aliases[c])}); name it {c!r}, the name named_parameters() gives, and it "
+                "is normalised once and used at every name"
+            )
 
 
 def remove_parametrizations(module: nn.Module) -> nn.Module:
@@ -226,6 +263,7 @@ def remove_parametrizations(module: nn.Module) -> nn.Module:
         ('Linear', True)
     """
     found = False
+    baked: set[int] = set()  # ids of the parametrizations already baked in (tied tensors)
     for sub in list(module.modules()):
         if not torch_parametrize.is_parametrized(sub):
             continue
@@ -241,7 +279,13 @@ def remove_parametrizations(module: nn.Module) -> nn.Module:
             found = True
             for p in ours:
                 p.eval()
-            torch_parametrize.remove_parametrizations(sub, tensor_name, leave_parametrized=True)
+            # A tied tensor's raw parameter is shared: bake it once, then only
+            # unregister at its other names (baking again would apply h twice).
+            again = any(id(p) in baked for p in ours)
+            baked.update(id(p) for p in ours)
+            torch_parametrize.remove_parametrizations(
+                sub, tensor_name, leave_parametrized=not again
+            )
     if not found:
         raise ValueError("module has no parametrization made by aon_func.parametrize")
     return module

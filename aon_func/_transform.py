@@ -55,7 +55,7 @@ from ._plan import (
     flops_per_matrix,
     itemsize,
 )
-from ._select import FrozenDict, Include, module_weights, normalise_include, selects
+from ._select import FrozenDict, Include, choose_module_weights, normalise_include, selects
 
 __all__ = [
     "AON",
@@ -432,41 +432,55 @@ class WeightTransform:
 
     @classmethod
     def for_module(
-        cls: type[_T], module: nn.Module, *, exclude: Iterable[str] = (), **options: Any
+        cls: type[_T],
+        module: nn.Module,
+        *,
+        exclude: Iterable[str] = (),
+        tied: Literal["skip", "normalise"] = "skip",
+        **options: Any,
     ) -> _T:
         """A transform that normalises the weights of ``module``'s linear maps.
 
         Selects the ``weight`` of every ``Linear``, ``Conv1d/2d/3d`` and
-        ``ConvTranspose1d/2d/3d`` (output axis 1) and the input projections of
+        ``ConvTranspose1d/2d/3d`` (output axis 1), the input projections of
         ``MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``;
-        its ``out_proj`` is a ``Linear``). Embeddings and normalisation layers
-        are skipped. ``exclude`` lists parameter names to leave alone (e.g.
-        the classifier head).
+        its ``out_proj`` is a ``Linear``), Hugging Face's ``Conv1D`` (output
+        axis 1, recognised by name: ``transformers`` is not imported) and the
+        layers added with :func:`aon_func.register_layer`. Embeddings and
+        normalisation layers are skipped; timm's weight-standardised
+        convolutions (``StdConv2d``, ...) are skipped with a warning, as
+        their forward would undo the normalisation. ``exclude`` lists
+        parameter names to leave alone (e.g. the classifier head).
+
+        Tied weights (one tensor at several names, ``named_parameters(remove_duplicate=False)``)
+        are selected once, under the name ``named_parameters()`` gives, and
+        the normalised tensor is used at every name. A tensor tied to a use
+        that is not a selected layer (an output layer tied to the token
+        embedding, as in GPT-2 and BERT) is left alone with ``tied="skip"``
+        (the default: embeddings are not normalised, so neither is the head
+        that shares their tensor), and normalised in both places with
+        ``tied="normalise"``. ``exclude`` and ``out_axes`` accept any of a
+        tensor's names.
 
         Example:
             >>> import torch, aon_func
             >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
             >>> sorted(aon_func.AON.for_module(net, exclude=["2.weight"]).include)
             ['0.weight']
+            >>> lm = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10)})
+            >>> lm.head.weight = lm.emb.weight  # tied
+            >>> sorted(aon_func.AON.for_module(lm, tied="normalise").include)
+            ['emb.weight']
         """
-        names = module_weights(module)
         if "include" in options:
             raise TypeError(
                 "for_module chooses include itself; pass exclude=[names] to leave weights out, "
                 "or construct the transform directly to choose include"
             )
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        exclude = set(exclude)
-        unknown = sorted(exclude - set(names))
-        if unknown:
-            raise ValueError(
-                f"exclude names {unknown} are not weights that for_module selects: {sorted(names)}"
-            )
-        chosen = {n: a for n, a in names.items() if n not in exclude}
-        out_axes = {n: a for n, a in chosen.items() if a != 0}
-        out_axes.update(options.pop("out_axes", {}))
-        return cls(include=frozenset(chosen), out_axes=out_axes, **options)
+        include, out_axes = choose_module_weights(
+            module, exclude=exclude, tied=tied, out_axes=options.pop("out_axes", {})
+        )
+        return cls(include=include, out_axes=out_axes, **options)
 
 
 _PLANS: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
