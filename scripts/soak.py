@@ -41,9 +41,7 @@ def soak(order: int, steps: int, lr: float, seed: int) -> tuple[float, float, in
 
     worst, at, loss = 0.0, 0, math.nan
     for step in range(steps):
-        grads, (value, new_state) = torch.func.grad_and_value(loss_fn, has_aux=True)(
-            params, state
-        )
+        grads, (value, new_state) = torch.func.grad_and_value(loss_fn, has_aux=True)(params, state)
         # The weights this step used: the same state, not advanced again.
         weights, _ = tr.apply(params, state, training=False)
         for n in names:

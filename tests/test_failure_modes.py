@@ -429,3 +429,44 @@ def test_half_after_parametrize_keeps_the_state_in_float32(dtype: torch.dtype) -
     assert spectral_norm(net[0].weight.detach()) == pytest.approx(1.0, abs=2e-2)
     net.float()
     assert net(torch.randn(2, 6)).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- properties over scales
+
+ALL_TRANSFORMS = st.sampled_from(
+    [AON(order=k) for k in range(9)] + [Polar(), ONI(iterations=5), NewtonSchulz(steps=5)]
+)
+
+
+@st.composite
+def scaled_weights(draw: st.DrawFn) -> tuple[Tensor, float, bool]:
+    """A float32 weight, a scale over the dtype's range (or exactly zero), and a tall flag."""
+    k = draw(st.integers(1, 10))
+    n = k + draw(st.integers(0, 10))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    w = torch.randn(k, n, generator=gen)
+    exponent = draw(st.floats(-30.0, 30.0))
+    zero = draw(st.booleans()) and draw(st.booleans())  # about a quarter of the examples
+    return w, 0.0 if zero else 10.0**exponent, draw(st.booleans())
+
+
+@given(tr=ALL_TRANSFORMS, case=scaled_weights())
+def test_every_transform_is_scale_invariant_and_maps_zero_to_zero(
+    tr: aon_func.WeightTransform, case: tuple[Tensor, float, bool]
+) -> None:
+    w, c, tall = case
+    if tall:
+        w = w.T.contiguous()
+    params = {"weight": w}
+    state = tr.init(params, generator=torch.Generator().manual_seed(0))
+    wc = (w * c).requires_grad_()
+    h = tr.apply({"weight": wc}, state)[0]["weight"]
+    (g,) = torch.autograd.grad((h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum(), wc)
+    assert bool(torch.isfinite(h).all())
+    assert bool(torch.isfinite(g).all())
+    if c == 0.0:
+        assert torch.equal(h, torch.zeros_like(h))
+        assert torch.equal(g, torch.zeros_like(g))
+        return
+    ref = tr.apply(params, state)[0]["weight"]
+    torch.testing.assert_close(h.detach(), ref, atol=2e-5, rtol=2e-5)
