@@ -29,6 +29,7 @@ from ._kernel import (
 from ._layout import Layout
 from ._parametrize import parametrize, remove_parametrizations
 from ._penalties import soft_orthogonality_penalty, srip_penalty
+from ._plan import Bucket, Group, Plan
 from ._reference import certified_error, orthogonality_error, polar, singular_value_map
 from ._select import register_layer
 from ._transform import (
@@ -51,8 +52,11 @@ __all__ = [
     "SAFEGUARD_ITERATIONS",
     "SIGMA_HAT_FLOOR",
     "STATELESS_POWER_ITERATIONS",
+    "Bucket",
+    "Group",
     "Layout",
     "NewtonSchulz",
+    "Plan",
     "Polar",
     "WeightTransform",
     "__version__",

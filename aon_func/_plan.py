@@ -11,7 +11,7 @@ Newton-Schulz (docs/algorithm.md, "Zero padding"), so groups of nearby
 shapes can share a bucket; the SVD polar factor never pads.
 
 Which groups share a bucket is decided by a cost model (``docs/performance.md``,
-"Buckets"): per kernel call a fixed cost (launch and dispatch of its
+"The cost model"): per kernel call a fixed cost (launch and dispatch of its
 operations), per FLOP of the padded matrices a cost, and per byte that
 stacking copies a cost, with constants for the CPU and for accelerators.
 """

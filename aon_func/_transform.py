@@ -269,6 +269,24 @@ class WeightTransform:
                 _check_gain_entry(name, gain, params, selected)
         return selected
 
+    def plan(self, params: Params, state: Mapping[str, Tensor] | None = None) -> Plan:
+        """How :meth:`apply` runs on this input structure: the selected tensors and the buckets.
+
+        Each :class:`~aon_func.Bucket` is one call of the batched kernel over
+        one or more groups of same-shaped tensors, zero-padded to a common
+        ``k x N`` (``docs/performance.md``, "The engine"). The plan depends only
+        on names, shapes, dtypes and devices, and is cached: this is the one
+        :meth:`apply` uses. Validates like :meth:`apply`.
+
+        Example:
+            >>> import torch, aon_func
+            >>> params = {"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64)}
+            >>> plan = aon_func.AON(batching="vmap").plan(params)
+            >>> [(b.size, b.k, b.n) for b in plan.buckets]
+            [(2, 64, 64)]
+        """
+        return self._plan(params, state)
+
     def select(self, params: Params) -> dict[str, Layout]:
         """The tensors this transform normalises, with their matrix layouts.
 

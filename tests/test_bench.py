@@ -17,24 +17,33 @@ from aon_func._layout import layout_of
 
 
 def test_quick_bench_writes_every_section(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--device", "cpu", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    for heading in ("apply ", "neighbours ", "memory ", "step "):
+    printed, errors = capfd.readouterr()
+    for heading in ("calls ", "apply ", "neighbours ", "memory ", "step "):
         assert heading in printed
+    # The profiler's C++ start/stop lines go to file descriptor 2 unless silenced.
+    assert "profiler_start" not in errors
+    assert errors.strip() == ""
     res = json.loads(out.read_text())
     cpu = res["devices"]["cpu"]
     assert cpu["machine"]["torch_num_threads"] == torch.get_num_threads()
     assert "parallel_info" in cpu["machine"]
     rows = cpu["apply"]["tiny"]["rows"]
-    assert set(rows) == {"apply vmap", "apply loop", "kernel loop", "roofline"}
+    assert set(rows) == {"apply auto", "apply vmap", "apply loop", "kernel loop", "roofline"}
     for row in rows.values():
         for mode in ("fwd", "fwd+bwd"):
             assert row[mode]["ms"] > 0
             assert row[mode]["over_roofline"] > 0
     assert cpu["apply"]["tiny"]["auto"] in rows
+    assert cpu["apply"]["tiny"]["plan"].startswith("1 call: 4 x 32x32")
+    assert cpu["apply"]["tiny"]["calls"]["fwd"]["aten_calls"] > 0
+    assert cpu["apply"]["tiny"]["calls"]["fwd"]["kernels"] is None  # no CUDA here
+    calls = cpu["calls"]["tiny"]
+    assert calls["device"] == "meta"
+    assert 0 < calls["fwd"]["aten_calls"] < calls["fwd+bwd"]["aten_calls"]
     neighbours = cpu["neighbours"]["tiny"]["rows"]
     assert {"polar (SVD)", "torch spectral_norm", "torch orthogonal"} <= set(neighbours)
     memory = cpu["memory"]["tiny"]["rows"]
@@ -68,7 +77,7 @@ def test_unknown_model_is_a_usage_error() -> None:
 
 @pytest.mark.parametrize("name", sorted(_models.MODELS))
 def test_models_build_with_weights(name: str) -> None:
-    if name in ("resnet50", "vit_s16"):
+    if name in ("resnet50", "vit_s16", "gpt2", "llama1b"):
         with torch.device("meta"):
             module = _models.MODELS[name].build()
     else:
@@ -95,3 +104,15 @@ def test_roofline_products_count_the_kernel_products() -> None:
     both = roofline_products(layouts, 3, backward=True)
     # backward: one product for the Gram, two for each other product
     assert len(both) == len(fwd) + 2 * (1 + 2 * 3)
+
+
+def test_transformer_shape_sets_have_the_documented_matrices() -> None:
+    with torch.device("meta"):
+        gpt2, llama = _models.gpt2_small(), _models.llama_1b()
+    shapes = [tuple(p.shape) for p in gpt2.parameters()]
+    assert len(shapes) == 48
+    assert {s[::-1] for s in shapes} == {(768, 2304), (768, 768), (768, 3072), (3072, 768)}
+    shapes = [tuple(p.shape) for p in llama.parameters()]
+    assert len(shapes) == 112
+    assert sum(p.numel() for p in llama.parameters()) == pytest.approx(0.97e9, rel=0.02)
+    assert max(shapes) == (8192, 2048)

@@ -14,9 +14,15 @@ from typing import Any
 
 import torch
 
-from .._transform import AON
 from ._models import MODELS, STEP_MODELS
-from ._suite import BenchConfig, bench_apply, bench_memory, bench_neighbours, bench_step
+from ._suite import (
+    BenchConfig,
+    bench_apply,
+    bench_memory,
+    bench_neighbours,
+    bench_step,
+    op_counts,
+)
 from ._timing import machine
 
 __all__ = ["register", "run_bench"]
@@ -24,7 +30,7 @@ __all__ = ["register", "run_bench"]
 DEFAULT_MODELS = ("mlp", "resnet18", "resnet50", "vit_s16")
 DEFAULT_STEPS = ("resnet18", "mnist1d_mlp")
 DEFAULT_COMPILE = ("mlp", "resnet18")
-SECTIONS = ("apply", "neighbours", "memory", "step")
+SECTIONS = ("calls", "apply", "neighbours", "memory", "step")
 MEMORY_ORDERS = (1, 2, 4)
 
 TARGETS = {
@@ -91,7 +97,13 @@ def register(sub: Any) -> None:
         default=list(SECTIONS),
         help=f"what to measure, from {list(SECTIONS)} (default: all)",
     )
-    p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    p.add_argument(
+        "--device",
+        choices=("all", "cpu", "cuda"),
+        default="all",
+        help="where to measure: cpu, cuda, or all (the CPU, then CUDA when torch sees it; "
+        "default: all)",
+    )
     p.add_argument("--order", type=_at_least(1), default=2, help="Taylor order K >= 1 (default: 2)")
     p.add_argument("--repeats", type=_at_least(1), default=9, help="timed rounds (default: 9)")
     p.add_argument(
@@ -236,6 +248,11 @@ def run_bench(
             f"{m['torch_num_threads']} threads, float32, K = {cfg.order} ==="
         )
         for name in models:
+            if "calls" in sections:
+                r = op_counts(name, torch.device("meta"), cfg.order)
+                res.setdefault("calls", {})[name] = r
+                log(_calls_line(name, r))
+                saved(results)
             if "apply" in sections:
                 r = bench_apply(name, device, cfg)
                 res["apply"][name] = r
@@ -272,12 +289,27 @@ def run_bench(
     return results
 
 
+def _count_cell(c: dict[str, Any]) -> str:
+    kernels = f", {c['kernels']} kernels" if c.get("kernels") is not None else ""
+    return f"{c['aten_calls']} ATen calls{kernels}"
+
+
+def _calls_line(name: str, r: dict[str, Any]) -> str:
+    return (
+        f"\ncalls  {name} on meta (the accelerator path, host work only): "
+        f"fwd {_count_cell(r['fwd'])}, fwd+bwd {_count_cell(r['fwd+bwd'])}; {r['plan']}"
+    )
+
+
 def _apply_table(name: str, r: dict[str, Any]) -> str:
     g = r["roofline_gflop"]
+    c = r["calls"]
     lines = [
         f"\napply  {r['model']}: {r['n_matrices']} matrices in {r['n_groups']} shape groups, "
-        f"auto = {r['auto']}, {r['rounds']} rounds; roofline {g['fwd']:.2f} / {g['fwd+bwd']:.2f} GFLOP"
+        f"{r['rounds']} rounds; roofline {g['fwd']:.2f} / {g['fwd+bwd']:.2f} GFLOP"
         + (f"; compile {r['compile_s']:.0f} s" if r["compile_s"] is not None else ""),
+        f"  auto plan: {r['plan']}; fwd {_count_cell(c['fwd'])}, "
+        f"fwd+bwd {_count_cell(c['fwd+bwd'])}",
         f"  {'':<14}{'fwd ms':>9}{'/roofline':>10}{'/loop':>7}{'fwd+bwd ms':>12}{'/roofline':>10}{'/loop':>7}",
     ]
     for key, row in r["rows"].items():
@@ -337,8 +369,7 @@ def _targets(res: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
         }
     mem = res["memory"].get("resnet18")
     if mem is not None:
-        auto = "vmap" if AON()._use_vmap(torch.device(res["machine"]["device"])) else "loop"
-        v = max(row["over_params"] for k, row in mem["rows"].items() if k.endswith(auto))
+        v = max(row["over_params"] for k, row in mem["rows"].items() if k.endswith("auto"))
         out["memory_over_params"] = {
             "value": v,
             "target": TARGETS["memory_over_params"],

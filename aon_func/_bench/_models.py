@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "STEP_MODELS", "ModelSpec", "StepSpec", "resnet18_cifar"]
+__all__ = ["MODELS", "STEP_MODELS", "ModelSpec", "ShapeSet", "StepSpec", "resnet18_cifar"]
 
 
 def mlp(widths: tuple[int, ...]) -> nn.Sequential:
@@ -159,6 +159,51 @@ def vit_s16() -> ViT:
     return ViT(patch=16, dim=384, depth=12, heads=6, n_classes=1000)
 
 
+class ShapeSet(nn.Module):
+    """Only weights: ``Linear`` layers of the given ``(in, out)`` shapes, for the ``apply`` benchmarks."""
+
+    def __init__(self, shapes: list[tuple[str, int, int]]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({name: nn.Linear(i, o, bias=False) for name, i, o in shapes})
+
+
+def gpt2_small() -> ShapeSet:
+    """GPT-2 small's 48 attention and MLP matrices (12 blocks; 768 wide).
+
+    HF stores them as ``Conv1D`` weights ``(in, out)``: 768x2304 (fused
+    q/k/v), 768x768 (attention output), 768x3072 and 3072x768 (MLP). Here
+    they are ``Linear(in, out)``, whose weight ``(out, in)`` has the same
+    oriented ``k x N`` matrix. Embeddings and the tied head are left out.
+    """
+    shapes = []
+    for i in range(12):
+        shapes += [
+            (f"h{i}_attn", 768, 2304),
+            (f"h{i}_proj", 768, 768),
+            (f"h{i}_fc", 768, 3072),
+            (f"h{i}_mlp_proj", 3072, 768),
+        ]
+    return ShapeSet(shapes)
+
+
+def llama_1b() -> ShapeSet:
+    """A LLaMA-1B-like decoder's 112 matrices: 16 layers of q/o 2048x2048, k/v 512x2048
+    (grouped-query attention), gate/up 8192x2048 and down 2048x8192 (weights ``(out, in)``).
+    About 1 B parameters (4 GiB in float32): build it on a GPU or on ``meta``."""
+    shapes = []
+    for i in range(16):
+        shapes += [
+            (f"l{i}_q", 2048, 2048),
+            (f"l{i}_k", 2048, 512),
+            (f"l{i}_v", 2048, 512),
+            (f"l{i}_o", 2048, 2048),
+            (f"l{i}_gate", 2048, 8192),
+            (f"l{i}_up", 2048, 8192),
+            (f"l{i}_down", 8192, 2048),
+        ]
+    return ShapeSet(shapes)
+
+
 class ModelSpec(NamedTuple):
     """A weight-shape set: its description and a builder of the module."""
 
@@ -175,6 +220,8 @@ MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec("ResNet-18 for 32x32 inputs, 10 classes", resnet18_cifar),
     "resnet50": ModelSpec("ResNet-50, ImageNet, 1000 classes", resnet50),
     "vit_s16": ModelSpec("ViT-S/16 encoder, 1000 classes", vit_s16),
+    "gpt2": ModelSpec("GPT-2 small, 48 attention/MLP matrices (no embeddings)", gpt2_small),
+    "llama1b": ModelSpec("LLaMA-1B-like, 112 matrices up to 8192x2048 (4 GiB)", llama_1b),
     "tiny": ModelSpec("tiny MLP 16-32-32-32-4 (smoke tests)", lambda: mlp((16, 32, 32, 32, 4))),
 }
 """The weight-shape sets of ``aon-func bench --models``."""

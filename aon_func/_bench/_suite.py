@@ -9,11 +9,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._kernel import aon
-from .._layout import Layout, to_matrix
-from .._transform import AON, ONI, NewtonSchulz, Polar, State, WeightTransform
+from aon_func import AON, ONI, Layout, NewtonSchulz, Plan, Polar, WeightTransform, aon
+
 from ._models import MODELS, STEP_MODELS
-from ._timing import Timings, peak_extra_bytes, time_interleaved
+from ._timing import Timings, count_calls, peak_extra_bytes, quiet_profiler, time_interleaved
+
+State = dict[str, Tensor]
 
 __all__ = [
     "BenchConfig",
@@ -21,6 +22,7 @@ __all__ = [
     "bench_memory",
     "bench_neighbours",
     "bench_step",
+    "describe_plan",
     "roofline_products",
 ]
 
@@ -48,18 +50,51 @@ parametrizations' backward is timed (the 8-layer MLP: 1.1e9; ViT-S/16: 2.9e10; R
 def _model_params(
     name: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, Layout]]:
-    """The weights ``AON.for_module`` selects in model ``name``, as leaves that require grad."""
+    """The weights ``AON.for_module`` selects in model ``name``, as leaves that require grad.
+
+    The module is built on ``device`` directly (on ``meta`` nothing is allocated).
+    """
     torch.manual_seed(0)
-    module = MODELS[name].build()
+    with torch.device(device):
+        module = MODELS[name].build()
     probe = AON.for_module(module)
     named = dict(module.named_parameters())
     params = {
-        n: named[n].detach().to(device=device, dtype=dtype).requires_grad_()
+        n: named[n].detach().to(dtype=dtype).requires_grad_()
         for n in sorted(probe.include)  # type: ignore[arg-type]
     }
     out_axes = dict(probe.out_axes)
     layouts = probe.select(params)
     return params, out_axes, layouts
+
+
+def describe_plan(plan: Plan) -> str:
+    """``"3 calls: 42 x 256x2304, 3 x 512x4608, 1 x 10x512"``: the kernel calls of a plan."""
+    cells = [f"{b.size} x {b.k}x{b.n}" for b in plan.buckets]
+    head = f"{len(cells)} call{'s' if len(cells) != 1 else ''}"
+    if len(cells) > 6:
+        cells = [*cells[:5], f"... ({len(cells) - 5} more)"]
+    return f"{head}: {', '.join(cells)}"
+
+
+def op_counts(name: str, device: torch.device, order: int) -> dict[str, Any]:
+    """ATen calls of ``AON.apply`` (batching ``"auto"``) on ``device``: forward and forward+backward.
+
+    On ``meta`` nothing is computed and the accelerator code path runs: the
+    host work of a GPU run, measurable without one. On CUDA the kernel
+    launches are counted too.
+    """
+    params, out_axes, layouts = _model_params(name, device, torch.float32)
+    tr = AON(include=frozenset(params), out_axes=out_axes, order=order)
+    state = {
+        n: torch.nn.functional.normalize(torch.ones(lay.matrix_shape[0], device=device), dim=0)
+        for n, lay in layouts.items()
+    }
+    fwd = _weights_of(tr, params, state)
+    out: dict[str, Any] = {"device": str(device), "plan": describe_plan(tr.plan(params, state))}
+    out["fwd"] = count_calls(fwd, device)
+    out["fwd+bwd"] = count_calls(_fwd_bwd(fwd, list(params.values())), device)
+    return out
 
 
 def _fwd_bwd(forward: Callable[[], Sequence[Tensor]], inputs: Sequence[Tensor]) -> Fn:
@@ -69,7 +104,8 @@ def _fwd_bwd(forward: Callable[[], Sequence[Tensor]], inputs: Sequence[Tensor]) 
     def run() -> object:
         outs = forward()
         if not cotangents:
-            gen = torch.Generator(device=outs[0].device).manual_seed(1)
+            dev = outs[0].device
+            gen = torch.Generator(device=dev).manual_seed(1) if dev.type != "meta" else None
             cotangents.extend(
                 torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device) for o in outs
             )
@@ -155,7 +191,7 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
     include = frozenset(params)
     trs = {
         b: AON(include=include, out_axes=out_axes, order=cfg.order, batching=b)
-        for b in ("vmap", "loop", "auto")
+        for b in ("auto", "vmap", "loop")
     }
     state = trs["auto"].init(params, generator=torch.Generator(device=device).manual_seed(0))
     inputs = list(params.values())
@@ -168,6 +204,7 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
         ]
 
     forwards: dict[str, Callable[[], Sequence[Tensor]]] = {
+        "apply auto": _weights_of(trs["auto"], params, state),
         "apply vmap": _weights_of(trs["vmap"], params, state),
         "apply loop": _weights_of(trs["loop"], params, state),
         "kernel loop": kernel_loop,
@@ -192,8 +229,9 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
     t = time_interleaved(
         fns, device, repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s, clock=cfg.clock
     )
-    auto = "apply vmap" if trs["auto"]._use_vmap(device) else "apply loop"
+    auto = "apply auto"
     profile = _profile(fns[f"{auto}/fwd+bwd"]) if cfg.profile else None
+    calls = {mode: count_calls(fns[f"{auto}/{mode}"], device) for mode in ("fwd", "fwd+bwd")}
     rows: dict[str, Any] = {}
     for key in (*forwards, "roofline"):
         rows[key] = {}
@@ -211,6 +249,8 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
         "param_bytes": sum(p.numel() * p.element_size() for p in inputs),
         "order": order,
         "auto": auto,
+        "plan": describe_plan(trs["auto"].plan(params, state)),
+        "calls": calls,
         "rounds": len(t.rounds),
         "compile_s": compile_s,
         "roofline_gflop": {m: _flops(p) / 1e9 for m, p in prods.items()},
@@ -224,7 +264,7 @@ def _profile(fn: Fn, runs: int = 3) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(runs):
             fn()
     rows = [
@@ -248,9 +288,8 @@ def _holders(
     mods: list[nn.Module] = []
     for n, w in params.items():
         m = nn.Module()
-        z = to_matrix(w.detach(), layouts[n])
-        if layouts[n].transposed:
-            z = z.mT
+        axis = layouts[n].out_axis
+        z = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1)  # d_out x rest
         m.weight = nn.Parameter(z.contiguous().clone())
         register(m)
         mods.append(m)
@@ -361,7 +400,7 @@ def bench_memory(
     param_bytes = sum(p.numel() * p.element_size() for p in inputs)
     out: dict[str, Any] = {"param_bytes": param_bytes, "rows": {}}
     for k in orders:
-        for batching in ("vmap", "loop"):
+        for batching in ("auto", "loop"):
             tr = AON(include=frozenset(params), out_axes=out_axes, order=k, batching=batching)
             state = tr.init(params)
             run = _fwd_bwd(_weights_of(tr, params, state), inputs)

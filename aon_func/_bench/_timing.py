@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["Timings", "machine", "peak_extra_bytes", "synchronize", "time_interleaved"]
+__all__ = [
+    "Timings",
+    "count_calls",
+    "machine",
+    "peak_extra_bytes",
+    "quiet_profiler",
+    "synchronize",
+    "time_interleaved",
+]
 
 
 def synchronize(device: torch.device) -> None:
@@ -107,7 +117,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = prof.profiler.kineto_results.events() if prof.profiler else []
     deltas = sorted((e.start_ns(), int(e.nbytes())) for e in events if e.name() == "[memory]")
@@ -116,6 +126,62 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Silence what the profiler's C++ side prints to the process's stderr (its start/stop lines).
+
+    They are written to file descriptor 2 directly, past ``sys.stderr``; this
+    points that descriptor at ``/dev/null`` for the block and restores it.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable descriptor 2: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def count_calls(fn: Callable[[], object], device: torch.device) -> dict[str, int | None]:
+    """Host-side ATen calls of ``fn`` and, on CUDA, its kernel launches (second call of two).
+
+    ``aten_calls``: ``torch.profiler`` CPU events named ``aten::*`` whose parent
+    is not an ``aten::`` op, allocations (``aten::empty*``) left out: the
+    operations Python dispatches, each a few microseconds of host time.
+    ``kernels``: CUDA kernel events (``None`` off CUDA).
+    """
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    synchronize(device)
+    with quiet_profiler(), profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    aten = sum(
+        1
+        for e in events
+        if e.name.startswith("aten::")
+        and not e.name.startswith("aten::empty")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    kernels = (
+        sum(1 for e in events if e.device_type == DeviceType.CUDA)
+        if device.type == "cuda"
+        else None
+    )
+    return {"aten_calls": aten, "kernels": kernels}
 
 
 def _cpu_model() -> str:
