@@ -1,54 +1,70 @@
-"""The ``aon-func`` command line: ``demo``, ``compare``, ``train``, ``bench``."""
+"""The aon-func command line: compare, train, bench.
+
+Importing this module imports nothing beyond the standard library; main()
+imports the apps' argument parsers, which need only torch. What an app needs
+beyond torch (the experiments and bench extras) is imported when it runs, so
+that aon-func --help and --version work with the base install.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
-from ._bench import register as register_bench
-from ._experiments.cli import register as register_experiments
+__all__ = ["main", "plain_text"]
 
-__all__ = ["main"]
+DESCRIPTION = (
+    "Approximated orthonormal normalisation (AON) of weights on torch.func: "
+    "the comparison experiments (compare, train) and the performance suite (bench). "
+    "aon-func COMMAND --help lists a command's options."
+)
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch
+def plain_text(text: str) -> str:
+    """Help text from a reST docstring: ``literal`` and :role:`name` become plain words."""
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
 
-    from ._kernel import aon
-    from ._reference import certified_error, orthogonality_error
 
-    gen = torch.Generator().manual_seed(args.seed)
-    w = torch.randn(256, 512, generator=gen)
-    s = torch.linalg.svdvals(w)
-    kappa = float(s.max() / s.min())
-    print(
-        f"random 256x512 weight: singular values [{s.min():.3f}, {s.max():.3f}], kappa = {kappa:.2f}"
-    )
-    print(
-        f"{'K':>3} {'s_min(h)':>9} {'s_max(h)':>9} {'||hh^T-I||_F':>13} {'||hh^T-I||_2':>13} {'certified':>10}"
-    )
-    for order in (0, 1, 2, 4, 8):
-        h, _ = aon(w, order=order, n_power_iterations=200)
-        sh = torch.linalg.svdvals(h)
-        spec = float((1 - sh.min() ** 2).abs().max(((sh.max() ** 2) - 1).abs()))
-        print(
-            f"{order:>3} {sh.min():>9.4f} {sh.max():>9.4f} {float(orthogonality_error(h)):>13.4f} "
-            f"{spec:>13.4f} {float(certified_error(kappa, order)):>10.4f}"
-        )
-    return 0
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Rewrite the description, epilog and option help of ``parser`` and its sub-commands."""
+    for attr in ("description", "epilog"):
+        text = getattr(parser, attr)
+        if text:
+            setattr(parser, attr, plain_text(text))
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                if isinstance(choice.help, str):
+                    choice.help = plain_text(choice.help)
+            for sub in action.choices.values():
+                _plain_help(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aon-func`` parser with every sub-command registered."""
+    from . import __version__
+    from ._bench import register as register_bench
+    from ._experiments.cli import register as register_experiments
+
+    parser = argparse.ArgumentParser(prog="aon-func", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_experiments(sub)
+    register_bench(sub)
+    _plain_help(parser)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aon-func`` console script."""
-    parser = argparse.ArgumentParser(prog="aon-func", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="spectrum of h(W) for a random weight and K = 0, 1, 2, 4, 8")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
-    register_experiments(sub)
-    register_bench(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,15 @@ TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "2"]
     ("argv", "message"),
     [
         (["compare", "--methods", "plain,bogus"], "unknown method 'bogus'"),
+        (
+            ["compare", "--methods", "aon3,foo"],
+            "unknown methods 'aon3' (did you mean 'aon-3'?), 'foo'",
+        ),
+        (
+            ["compare", "--methods", "polr,srp"],
+            "'polr' (did you mean 'polar'?), 'srp' (did you mean",
+        ),
+        (["train", "--method", "sorf:1e-3"], "'sorf:1e-3' (did you mean 'soft:1e-3'?)"),
         (["compare", "--methods", "sn,sn"], "more than once"),
         (["compare", "--methods", ""], "empty"),
         (["compare", "--epochs", "0"], "positive integer"),
@@ -49,14 +59,31 @@ def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFi
     assert "Traceback" not in err
 
 
+@pytest.fixture
+def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command generates or reads any data."""
+    from aon_func._experiments import data
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the command loaded data before reporting the mistake")
+
+    monkeypatch.setattr(data, "load_dataset", refuse)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--dataset", "mnist1d", "--model", "resnet"], "does not fit"),
+        (
+            ["--dataset", "mnist1d", "--model", "resnet"],
+            "--model resnet does not fit: --dataset mnist1d has examples of shape (40,)",
+        ),
         (["--dataset", "digits", "--data-dir", "."], "--data-dir is for mnist and cifar10"),
+        (["--dataset", "mnist"], "give --data-dir DIR"),
+        (["--extend"], "--extend trains the runs of a folder on: use it with --resume"),
     ],
 )
-def test_usage_errors_are_one_line(
+@pytest.mark.usefixtures("no_data")
+def test_usage_errors_are_one_line_before_any_data(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rc = main(["compare", *argv, "--epochs", "1", "--out", str(tmp_path / "o")])
@@ -64,6 +91,31 @@ def test_usage_errors_are_one_line(
     assert rc == 2
     assert message in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("a-file", "is a file, not a folder"),
+        ("a-file/below", "cannot create the folder"),
+        ("/proc/aon-func-out", "cannot create the folder"),
+    ],
+)
+@pytest.mark.usefixtures("no_data")
+def test_out_that_cannot_be_a_folder_fails_before_any_data(
+    where: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if where.startswith("/proc") and not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system: the other cases cover --out")
+    (tmp_path / "a-file").write_text("a user's file\n")
+    out = Path(where) if where.startswith("/") else tmp_path / where
+    rc = main(["train", "--method", "sn", *TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"aon-func: error: --out {out}")
+    assert message in err
+    assert err.count("\n") == 1
+    assert (tmp_path / "a-file").read_text() == "a user's file\n"
 
 
 def test_cuda_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,17 +322,62 @@ def test_quiet_is_silent_even_on_a_terminal(
     assert len(lines) == 5
 
 
-def test_progress_bar_on_a_terminal(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    rc = main(["train", "--method", "plain", *TINY, "--seeds", "1", "--out", str(tmp_path / "p")])
-    assert rc == 0
-    err = capsys.readouterr().err
-    assert "plain seed 0" in err
-    assert "2/2" in err
-    assert "loss=" in err
-    assert "acc=" in err
+def _on_a_terminal(argv: list[str], columns: int) -> tuple[int, str]:
+    """Run ``python -m aon_func ARGV`` with stderr on a pseudo-terminal ``columns`` wide."""
+    fcntl = pytest.importorskip("fcntl", reason="pseudo-terminals need a POSIX system")
+    pty = pytest.importorskip("pty", reason="pseudo-terminals need a POSIX system")
+    termios = pytest.importorskip("termios", reason="pseudo-terminals need a POSIX system")
+    import os
+    import struct
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aon_func", *argv],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    rc = proc.wait(timeout=120)
+    # the terminal turns "\n" into "\r\n"; what is left of "\r" is tqdm's
+    return rc, b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_one_progress_bar_over_all_runs_on_a_terminal(tmp_path: Path) -> None:
+    argv = ["compare", "--methods", "plain,sn", *TINY, "--out", str(tmp_path / "p")]
+    rc, err = _on_a_terminal(argv, columns=120)
+    assert rc == 0, err
+    assert "\r" in err  # a bar, redrawn in place
+    assert "/8 " in err  # one bar: 2 methods x 2 seeds x 2 epochs
+    for run in ("run 1/4 plain seed 0", "run 4/4 sn seed 1"):
+        assert run in err
+    assert "8/8" in err
+    assert re.search(r"acc=\d+\.\d%", err), err  # accuracy in %, as in the table
+    assert err.count("\n") == 1  # the one bar, left on screen when done
+    assert "test acc" not in err  # no per-run lines besides the bar
+
+
+def test_a_zero_column_terminal_gets_lines_not_a_bar(tmp_path: Path) -> None:
+    argv = ["compare", "--methods", "plain,sn", *TINY, "--out", str(tmp_path / "p")]
+    rc, err = _on_a_terminal(argv, columns=0)
+    assert rc == 0, err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert all(line.strip() for line in lines), err  # no blank lines
+    assert len(lines) == 4
+    assert lines[0].startswith("plain seed 0: test acc ")
 
 
 def test_console_script_and_module(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,10 +64,17 @@ def _assert_same_run(a: Path, b: Path) -> None:
             assert ca[part].keys() == cb[part].keys()
             for k in ca[part]:
                 assert torch.equal(ca[part][k], cb[part][k]), (rel, part, k)
-        assert ca["adam"]["step"] == cb["adam"]["step"]
-        for k in ca["adam"]["m"]:
-            assert torch.equal(ca["adam"]["m"][k], cb["adam"]["m"][k])
-            assert torch.equal(ca["adam"]["v"][k], cb["adam"]["v"][k])
+        oa, ob = ca["optimizer"], cb["optimizer"]
+        assert oa["names"] == ob["names"] == list(ca["params"])
+        assert oa["torch"]["param_groups"] == ob["torch"]["param_groups"]
+        assert oa["torch"]["state"].keys() == ob["torch"]["state"].keys()
+        assert len(oa["torch"]["state"]) == len(ca["params"])
+        for i, state in oa["torch"]["state"].items():
+            assert (
+                state.keys() == ob["torch"]["state"][i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+            )
+            for k, v in state.items():
+                assert torch.equal(v, ob["torch"]["state"][i][k]), (rel, i, k)
         assert torch.equal(ca["data_rng"], cb["data_rng"])
 
 
@@ -97,6 +105,7 @@ def _start_and_stop(out: Path, sig: int) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = _start_and_stop(out, signal.SIGKILL)
@@ -108,6 +117,7 @@ def test_sigkill_then_resume_is_bitwise_equal(reference: Path, tmp_path: Path) -
     _assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_usable_checkpoint(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = _start_and_stop(out, signal.SIGINT)
@@ -132,16 +142,14 @@ def test_resume_after_an_injected_interruption_in_process(
     def interrupted(*args: Any, **kwargs: Any) -> dict[str, Any]:
         if args[0].method == "srip" and not kwargs["resume"]:
 
-            def stop(epoch: int) -> None:
+            def stop(epoch: int, record: dict[str, float]) -> None:
                 if epoch == 5:
                     raise KeyboardInterrupt
 
             kwargs["on_epoch"] = stop
         return real(*args, **kwargs)
 
-    from aon_func._experiments import cli
-
-    monkeypatch.setattr(cli, "train_run", interrupted)
+    monkeypatch.setattr(train_mod, "train_run", interrupted)
     assert main([*ARGS, "--out", str(out)]) == 130
     assert load_checkpoint(out / CKPTS[1])["epoch"] == 5
     assert main([*ARGS, "--out", str(out), "--resume"]) == 0
@@ -163,3 +171,86 @@ def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(path, {"epoch": 2})
     assert ck.load_checkpoint(path)["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- --resume and --epochs
+
+SHORT = ["train", "--method", "aon-2", "--dataset", "digits", "--seeds", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose one run finished its 2 epochs."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert main([*SHORT, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("epochs", "message"),
+    [
+        ("3", "was started with --epochs 2; add --extend to train its runs on to 3 epochs"),
+        ("1", "was started with --epochs 2; resume it with --epochs 2"),
+    ],
+)
+def test_resume_with_other_epochs_is_refused_before_any_data(
+    finished: Path,
+    epochs: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aon_func._experiments import data
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("data loaded before the refusal")
+
+    monkeypatch.setattr(data, "load_dataset", refuse)
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    rc = main([*SHORT, "--epochs", epochs, "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"aon-func: error: --resume --epochs {epochs}: {out} ")
+    assert message in err
+    assert err.count("\n") == 1
+    assert _files(out) == before
+
+
+def test_extend_trains_on_and_keeps_the_earlier_results(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    rc = main([*SHORT, "--epochs", "3", "--out", str(out), "--resume", "--extend"])
+    assert rc == 0
+    assert f"the 2-epoch results of {out} are now in {out / 'epochs-2'}" in capsys.readouterr().err
+    # the earlier results, unchanged, in epochs-2/
+    for name in ("results.json", "results.csv", "results.md", "accuracy.png", "spectra.png"):
+        assert (out / "epochs-2" / name).read_bytes() == before[Path(name)], name
+    assert json.loads((out / "epochs-2" / "config.json").read_text())["epochs"] == 2
+    # the run went on from its checkpoint: the same first two epochs, one more
+    old = json.loads(before[Path("results.json")])["runs"][0]["history"]
+    new = json.loads((out / "results.json").read_text())["runs"][0]["history"]
+    assert [h["epoch"] for h in new] == [1, 2, 3]
+    assert _strip_timing([{"history": new[:2]}]) == _strip_timing([{"history": old}])
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3
+    assert load_checkpoint(out / "runs" / "aon-2" / "seed0.pt")["epoch"] == 3
+
+
+def test_resume_of_a_folder_never_run_says_so_and_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "new"
+    rc = main([*SHORT, "--epochs", "1", "--out", str(out), "--resume"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err == f"aon-func: --resume: {out} holds no runs yet; starting them\n"
+    assert (out / "results.json").is_file()

@@ -21,6 +21,7 @@ from aon_func._experiments.data import (
     read_cifar10,
     read_idx,
 )
+from aon_func._experiments.models import DATASET_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +183,7 @@ def test_mnist1d_offline_and_keeps_global_rngs() -> None:
     assert (random.random(), np.random.rand()) == before  # noqa: NPY002
     assert ds.x_train.shape == (4000, 40)
     assert ds.x_test.shape == (1000, 40)
+    assert ds.input_shape == DATASET_SHAPES["mnist1d"]  # what --model is checked against
     assert set(ds.y_train.unique().tolist()) == set(range(10))
     assert torch.equal(load_dataset("mnist1d").x_train, ds.x_train)
 
@@ -190,6 +192,7 @@ def test_digits() -> None:
     ds = load_dataset("digits")
     assert ds.x_train.shape == (1437, 1, 8, 8)
     assert ds.x_test.shape == (360, 1, 8, 8)
+    assert ds.input_shape == DATASET_SHAPES["digits"]
     assert 0.0 <= float(ds.x_train.min()) <= float(ds.x_train.max()) <= 1.0
 
 

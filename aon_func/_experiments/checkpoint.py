@@ -18,7 +18,8 @@ import torch
 
 __all__ = ["capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
 
-FORMAT = 1
+FORMAT = 2
+"""Version of the checkpoint layout (2: the optimiser is torch.optim.Adam's state_dict)."""
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -35,8 +36,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an aon-func checkpoint (format {FORMAT})")
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise ValueError(f"{path} is not an aon-func checkpoint")
+    if ckpt["format"] != FORMAT:
+        raise ValueError(
+            f"{path} has checkpoint format {ckpt['format']!r}, this version reads format "
+            f"{FORMAT}: resume it with the version that wrote it, or use another --out"
+        )
     return ckpt
 
 

@@ -33,9 +33,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "read_cifar10", "read_idx"]
+from .models import DATASET_SHAPES
 
-DATASETS = ("mnist1d", "digits", "mnist", "cifar10")
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "check_dataset_args",
+    "load_dataset",
+    "read_cifar10",
+    "read_idx",
+]
+
+DATASETS = tuple(DATASET_SHAPES)
 
 
 class DataError(Exception):
@@ -303,14 +313,18 @@ def _image_dataset(
 # --------------------------------------------------------------------------- entry
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load data set ``name`` (one of :data:`DATASETS`); ``data_dir`` for mnist/cifar10."""
-    if name == "mnist1d":
-        return load_mnist1d()
-    if name == "digits":
-        return load_digits_dataset()
-    if name not in ("mnist", "cifar10"):
+def check_dataset_args(name: str, data_dir: str | Path | None) -> Path | None:
+    """The checks of :func:`load_dataset` that read nothing: name and ``--data-dir``.
+
+    Returns ``data_dir`` as a ``Path`` (``None`` for the generated data sets);
+    raises :class:`DataError` with a one-line message.
+    """
+    if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name in ("mnist1d", "digits"):
+        if data_dir is not None:
+            raise DataError(f"--data-dir is for mnist and cifar10; --dataset {name} needs none")
+        return None
     if data_dir is None:
         raise DataError(
             f"--dataset {name} reads a local copy (nothing is downloaded): give --data-dir DIR"
@@ -318,4 +332,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     path = Path(data_dir)
     if not path.is_dir():
         raise DataError(f"--data-dir {path} is not a folder")
+    return path
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load data set ``name`` (one of :data:`DATASETS`); ``data_dir`` for mnist/cifar10."""
+    path = check_dataset_args(name, data_dir)
+    if name == "mnist1d":
+        return load_mnist1d()
+    if name == "digits":
+        return load_digits_dataset()
+    assert path is not None
     return load_mnist(path) if name == "mnist" else load_cifar10(path)

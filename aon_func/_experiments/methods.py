@@ -23,6 +23,7 @@ act on the same layers; ``plain`` leaves them alone.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from typing import Literal
@@ -30,9 +31,11 @@ from typing import Literal
 from torch import nn
 
 from .. import AON, DEFAULT_ORDER, ONI, NewtonSchulz, Polar, WeightTransform
+from .models import HEAD_WEIGHT
 
 __all__ = [
     "DEFAULT_LAMBDAS",
+    "METHOD_NAMES",
     "Method",
     "Scale",
     "make_transform",
@@ -83,15 +86,34 @@ _PATTERN = re.compile(
 )
 
 
-def parse_method(text: str) -> Method:
-    """Parse one method name (see the module docstring); ``ValueError`` if unknown."""
+METHOD_NAMES = (
+    "plain, sn, aon, aon-K, oni, oni-T, ns, ns-T, polar, soft, soft:LAMBDA, srip, srip:LAMBDA"
+)
+"""The method names ``parse_method`` accepts, for help texts and error messages."""
+
+_KNOWN = ("plain", "sn", "polar", "aon", "oni", "ns", "soft", "srip")
+
+
+def _suggestion(name: str) -> str | None:
+    """The known name closest to ``name`` (``difflib``), with its ``-K`` or ``:LAMBDA`` part."""
+    m = re.match(r"^([a-z]+?)[-_:]?([0-9][0-9.eE+-]*)?$", name)
+    stem, tail = (m[1], m[2]) if m else (name, None)
+    close = difflib.get_close_matches(stem, _KNOWN, n=1, cutoff=0.6)
+    if not close:
+        return None
+    family = close[0]
+    if tail is None:
+        return family
+    full = f"{family}:{tail}" if family in ("soft", "srip") else f"{family}-{tail}"
+    return full if _PATTERN.match(full) else family
+
+
+def _parse(text: str) -> Method:
     name = text.strip().lower()
     m = _PATTERN.match(name)
     if m is None:
-        raise ValueError(
-            f"unknown method {text!r}: use plain, sn, aon, aon-K, oni, oni-T, ns, ns-T, "
-            "polar, soft, soft:LAMBDA, srip, srip:LAMBDA"
-        )
+        hint = _suggestion(name)
+        raise ValueError(f"{text.strip()!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
     if m["plain"]:
         return Method("plain", "plain", "plain")
     if m["sn"]:
@@ -111,13 +133,38 @@ def parse_method(text: str) -> Method:
     except ValueError:
         lam = -1.0
     if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"method {text!r}: LAMBDA must be a non-negative number")
+        raise ValueError(f"{text.strip()!r} (LAMBDA must be a non-negative number)")
     return Method(f"{family}:{lam:g}", "penalty", family, lam=lam)
 
 
+def _unknown(bad: list[str]) -> ValueError:
+    what = "method" if len(bad) == 1 else "methods"
+    return ValueError(f"unknown {what} {', '.join(bad)}; use {METHOD_NAMES}")
+
+
+def parse_method(text: str) -> Method:
+    """Parse one method name (see the module docstring); ``ValueError`` if unknown.
+
+    The message suggests the closest known name, e.g. ``unknown method 'aon3'
+    (did you mean 'aon-3'?)``.
+    """
+    try:
+        return _parse(text)
+    except ValueError as exc:
+        raise _unknown([str(exc)]) from None
+
+
 def parse_methods(text: str) -> list[Method]:
-    """Parse a comma-separated list; duplicates are an error."""
-    methods = [parse_method(t) for t in text.split(",") if t.strip()]
+    """Parse a comma-separated list; every unknown name is reported at once, duplicates too."""
+    methods: list[Method] = []
+    bad: list[str] = []
+    for token in (t for t in text.split(",") if t.strip()):
+        try:
+            methods.append(_parse(token))
+        except ValueError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise _unknown(bad)
     if not methods:
         raise ValueError("--methods is empty")
     names = [m.name for m in methods]
@@ -163,7 +210,7 @@ class Scale:
 
 def selected_layers(model: nn.Module, scale: Scale) -> dict[str, int]:
     """The weights the methods act on, with their output axes (via ``AON.for_module``)."""
-    exclude = () if scale.normalise_head else ("head.weight",)
+    exclude = () if scale.normalise_head else (HEAD_WEIGHT,)
     t = AON.for_module(model, exclude=exclude)
     assert isinstance(t.include, frozenset)
     return {n: t.out_axes.get(n, 0) for n in sorted(t.include)}
@@ -173,7 +220,7 @@ def make_transform(method: Method, model: nn.Module, scale: Scale) -> WeightTran
     """The library transform of a normalising method (``None`` for plain and the penalties)."""
     if method.kind != "normalise":
         return None
-    exclude = () if scale.normalise_head else ("head.weight",)
+    exclude = () if scale.normalise_head else (HEAD_WEIGHT,)
     gain = scale.fixed_gain()
     if method.family == "aon":
         return AON.for_module(model, exclude=exclude, order=method.order, gain=gain)

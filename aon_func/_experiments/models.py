@@ -20,9 +20,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "build_model", "default_model"]
+__all__ = ["DATASET_SHAPES", "HEAD_WEIGHT", "MODELS", "build_model", "default_model"]
 
 MODELS = ("mlp", "cnn", "resnet")
+
+HEAD_WEIGHT = "head.weight"
+"""The classifier's weight in every model: what ``--no-normalise-head`` leaves out."""
+
+DATASET_SHAPES: dict[str, tuple[int, ...]] = {
+    "mnist1d": (40,),
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+"""The shape of one example of each data set (``data.load_dataset`` returns these), so
+that a model is checked against its data set before any data is generated or read."""
 
 
 class MLP(nn.Module):
@@ -121,8 +133,13 @@ def default_model(dataset: str) -> str:
     return {"mnist1d": "mlp", "digits": "mlp", "mnist": "cnn", "cifar10": "resnet"}[dataset]
 
 
-def build_model(name: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    """Build model ``name`` for examples of ``input_shape``; raises ``ValueError`` if it does not fit."""
+def build_model(
+    name: str, input_shape: tuple[int, ...], n_classes: int, *, dataset: str | None = None
+) -> nn.Module:
+    """Build model ``name`` for examples of ``input_shape``; raises ``ValueError`` if it does not fit.
+
+    ``dataset`` (the data set's name) only makes the error message name it.
+    """
     if name == "mlp":
         n = 1
         for d in input_shape:
@@ -137,7 +154,9 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int) -> nn.M
         return ResNet(input_shape, n_classes)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    what = f"--dataset {dataset} has" if dataset is not None else "the data set has"
+    needs = "images (channels, height, width)" if name == "resnet" else "vectors or images"
     raise ValueError(
-        f"--model {name} does not fit examples of shape {input_shape} "
-        "(resnet needs images; digits are flat vectors: use mlp)"
+        f"--model {name} does not fit: {what} examples of shape {input_shape}, "
+        f"{name} needs {needs} (use mlp or cnn)"
     )

@@ -3,10 +3,10 @@
 Training is pure ``torch.func``: the raw parameters (and learnable gains) are a
 dict of tensors, the method's transform maps them to the layer weights
 (``WeightTransform.apply``), ``torch.func.functional_call`` runs the model and
-``torch.func.grad_and_value`` differentiates the loss. The optimiser is Adam
-written out on the params dict (the update of ``torch.optim.Adam`` with its
-default betas and eps, no weight decay), so its state is a dict of tensors
-like everything else in the checkpoint.
+``torch.func.grad_and_value`` differentiates the loss. The optimiser is
+``torch.optim.Adam(foreach=True)`` (default betas and eps, no weight decay),
+given those gradients (:class:`Adam`); its ``state_dict`` goes into the
+checkpoint, so ``--resume`` continues it exactly.
 
 Fairness: for a given seed every method starts from the same raw weights
 (the model is built under ``torch.manual_seed(seed)`` in a forked RNG), sees
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import WeightTransform, orthogonality_error, soft_orthogonality_penalty, srip_penalty
+from .. import (
+    GAIN_SUFFIX,
+    WeightTransform,
+    orthogonality_error,
+    soft_orthogonality_penalty,
+    srip_penalty,
+)
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .data import Dataset
 from .methods import Method, Scale, make_transform, parse_method, selected_layers
-from .models import build_model
+from .models import HEAD_WEIGHT, build_model
 
-__all__ = ["ResumeError", "RunConfig", "adam_init", "adam_update", "probe_layer", "train_run"]
+__all__ = ["Adam", "EpochCallback", "ResumeError", "RunConfig", "probe_layer", "train_run"]
 
 Params = dict[str, Tensor]
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""``on_epoch(epoch, record)``: called with the number of epochs done and that epoch's
+record of the history (``train_loss``, ``test_acc``, ...)."""
 
 
 class ResumeError(Exception):
@@ -68,37 +77,37 @@ class RunConfig:
 # --------------------------------------------------------------------------- Adam
 
 
-def adam_init(params: Params) -> dict[str, Any]:
-    """Adam's state: step count and first/second moments (zeros) per parameter."""
-    return {
-        "step": 0,
-        "m": {k: torch.zeros_like(v) for k, v in params.items()},
-        "v": {k: torch.zeros_like(v) for k, v in params.items()},
-    }
+class Adam:
+    """``torch.optim.Adam(foreach=True)`` on a dict of parameters, fed gradients by ``torch.func``.
 
+    :meth:`step` updates the tensors of ``params`` in place (they are the
+    optimiser's parameters). The state is the optimiser's own ``state_dict``
+    plus the parameter names in its order, which :meth:`load_state_dict`
+    checks, so a checkpoint resumes the optimiser exactly.
+    """
 
-def adam_update(
-    params: Params,
-    grads: Params,
-    state: dict[str, Any],
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> tuple[Params, dict[str, Any]]:
-    """One Adam step (``torch.optim.Adam``'s update, no weight decay). Pure."""
-    b1, b2 = betas
-    step = int(state["step"]) + 1
-    bc1, bc2 = 1 - b1**step, 1 - b2**step
-    new_p: Params = {}
-    new_m: Params = {}
-    new_v: Params = {}
-    for k, p in params.items():
-        g = grads[k]
-        m = state["m"][k] * b1 + g * (1 - b1)
-        v = state["v"][k] * b2 + g * g * (1 - b2)
-        new_p[k] = p - lr * (m / bc1) / ((v / bc2).sqrt() + eps)
-        new_m[k], new_v[k] = m, v
-    return new_p, {"step": step, "m": new_m, "v": new_v}
+    def __init__(self, params: Params, lr: float) -> None:
+        self.params = params
+        self.optimizer = torch.optim.Adam(list(params.values()), lr=lr, foreach=True)
+
+    def step(self, grads: Params) -> None:
+        """One Adam step with ``grads`` (same keys as ``params``)."""
+        for name, p in self.params.items():
+            p.grad = grads[name]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"names": [...], "torch": torch.optim.Adam.state_dict()}``."""
+        return {"names": list(self.params), "torch": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; ``ValueError`` if the parameter names differ."""
+        if list(state["names"]) != list(self.params):
+            raise ValueError(
+                f"optimiser state for parameters {state['names']}, expected {list(self.params)}"
+            )
+        self.optimizer.load_state_dict(state["torch"])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -107,7 +116,7 @@ def adam_update(
 def probe_layer(model: nn.Module) -> str:
     """The layer whose singular values the report plots: a hidden layer of the model."""
     names = [n for n, p in model.named_parameters() if n.endswith("weight") and p.ndim >= 2]
-    hidden = [n for n in names if n != "head.weight"]
+    hidden = [n for n in names if n != HEAD_WEIGHT]
     return hidden[len(hidden) // 2] if hidden else names[-1]
 
 
@@ -213,7 +222,7 @@ class _Run:
         self, params: Params, tstate: dict[str, Tensor]
     ) -> tuple[float, dict[str, float], list[float]]:
         """Orthogonality error of the selected layers (gain left out) and the probe's spectrum."""
-        bare = {k: v for k, v in params.items() if not k.endswith(":gain")}
+        bare = {k: v for k, v in params.items() if not k.endswith(GAIN_SUFFIX)}
         if self.transform is not None:
             t = dataclasses.replace(self.transform, gain=None)
             weights, _ = t.apply(bare, tstate, training=False)
@@ -235,19 +244,22 @@ def train_run(
     *,
     device: torch.device,
     resume: bool,
-    progress: bool = False,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> dict[str, Any]:
     """Train one run to ``cfg.epochs``, checkpointing after every epoch.
 
     With ``resume`` and an existing checkpoint, training continues from it and
-    ends with the same numbers as an uninterrupted run (bitwise on the CPU).
-    Returns the run's result: final metrics, per-epoch history, spectrum.
+    ends with the same numbers as an uninterrupted run (bitwise on the CPU);
+    a checkpoint of fewer epochs than ``cfg.epochs`` is trained on to
+    ``cfg.epochs`` (the caller decides whether that is allowed). ``on_epoch``
+    is called after every epoch, and once at the start with the checkpoint's
+    last epoch when a resumed run has trained some already. Returns the
+    run's result: final metrics, per-epoch history, spectrum.
     """
     run = _Run(cfg, data, device)
     params = {k: v.to(device) for k, v in run.initial_params().items()}
     tstate, pstate = run.initial_states(params)
-    opt = adam_init(params)
+    opt_state: dict[str, Any] | None = None
     data_gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     start = 0
@@ -267,80 +279,64 @@ def train_run(
             raise ResumeError(
                 f"{ckpt_path} has already trained {ckpt['epoch']} epochs > --epochs {cfg.epochs}"
             )
-        if ckpt["epoch"] == cfg.epochs and "result" in ckpt:
+        history = ckpt["history"]
+        start = int(ckpt["epoch"])
+        if on_epoch is not None and history:
+            on_epoch(start, history[-1])
+        if start == cfg.epochs and "result" in ckpt:
             result: dict[str, Any] = ckpt["result"]
             return result
         params, tstate, pstate = ckpt["params"], ckpt["transform_state"], ckpt["penalty_state"]
-        opt = ckpt["adam"]
+        opt_state = ckpt["optimizer"]
         data_gen.set_state(ckpt["data_rng"].cpu())
         restore_rng(ckpt["rng"])
-        history = ckpt["history"]
-        start = int(ckpt["epoch"])
 
+    opt = Adam(params, cfg.lr)
+    if opt_state is not None:
+        try:
+            opt.load_state_dict(opt_state)
+        except ValueError as exc:
+            raise ResumeError(f"cannot resume from {ckpt_path}: {exc}") from exc
     x_tr = data.x_train.to(device)
     y_tr = data.y_train.to(device)
     step = torch.func.grad_and_value(run.loss, has_aux=True)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.epochs,
-            initial=start,
-            desc=f"{cfg.method} seed {cfg.seed}",
-            file=sys.stderr,
-            leave=True,
-            dynamic_ncols=True,
-        )
-        if history:
-            bar.set_postfix(
-                loss=f"{history[-1]['train_loss']:.3f}", acc=f"{history[-1]['test_acc']:.3f}"
-            )
-    try:
-        for epoch in range(start, cfg.epochs):
-            t0 = time.perf_counter()
-            total, count = torch.zeros((), device=device), 0
-            for idx in _batches(x_tr.shape[0], cfg.batch_size, data_gen):
-                idx = idx.to(device)
-                xb, yb = x_tr[idx], y_tr[idx]
-                grads, (_, (ce, tstate, pstate)) = step(params, tstate, pstate, xb, yb)
-                params, opt = adam_update(params, grads, opt, cfg.lr)
-                total = total + ce * idx.shape[0]
-                count += idx.shape[0]
-            train_loss = float(total) / count
-            seconds = time.perf_counter() - t0
-            test_acc, test_loss = run.evaluate(params, tstate, data.x_test, data.y_test)
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": train_loss,
-                    "test_acc": test_acc,
-                    "test_loss": test_loss,
-                    "seconds": seconds,
-                }
-            )
-            payload: dict[str, Any] = {
-                "config": dataclasses.asdict(cfg),
-                "epoch": epoch + 1,
-                "params": params,
-                "transform_state": tstate,
-                "penalty_state": pstate,
-                "adam": opt,
-                "data_rng": data_gen.get_state(),
-                "rng": capture_rng(),
-                "history": history,
-            }
-            if epoch + 1 == cfg.epochs:
-                payload["result"] = _result(run, cfg, params, tstate, history)
-            save_checkpoint(ckpt_path, payload)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{test_acc:.3f}")
-            if on_epoch is not None:
-                on_epoch(epoch + 1)
-    finally:
-        if bar is not None:
-            bar.close()
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        total, count = torch.zeros((), device=device), 0
+        for idx in _batches(x_tr.shape[0], cfg.batch_size, data_gen):
+            idx = idx.to(device)
+            xb, yb = x_tr[idx], y_tr[idx]
+            grads, (_, (ce, tstate, pstate)) = step(params, tstate, pstate, xb, yb)
+            opt.step(grads)
+            total = total + ce * idx.shape[0]
+            count += idx.shape[0]
+        train_loss = float(total) / count
+        seconds = time.perf_counter() - t0
+        test_acc, test_loss = run.evaluate(params, tstate, data.x_test, data.y_test)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "test_acc": test_acc,
+            "test_loss": test_loss,
+            "seconds": seconds,
+        }
+        history.append(record)
+        payload: dict[str, Any] = {
+            "config": dataclasses.asdict(cfg),
+            "epoch": epoch + 1,
+            "params": params,
+            "transform_state": tstate,
+            "penalty_state": pstate,
+            "optimizer": opt.state_dict(),
+            "data_rng": data_gen.get_state(),
+            "rng": capture_rng(),
+            "history": history,
+        }
+        if epoch + 1 == cfg.epochs:
+            payload["result"] = _result(run, cfg, params, tstate, history)
+        save_checkpoint(ckpt_path, payload)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, record)
     if start == cfg.epochs:  # a checkpoint of the last epoch without its result
         return _result(run, cfg, params, tstate, history)
     final: dict[str, Any] = load_checkpoint(ckpt_path)["result"]
@@ -356,7 +352,7 @@ def _result(
 ) -> dict[str, Any]:
     ortho, per_layer, spectrum = run.final_measures(params, tstate)
     secs = sorted(h["seconds"] for h in history)
-    gains = {k[: -len(":gain")]: float(v) for k, v in params.items() if k.endswith(":gain")}
+    gains = {k[: -len(GAIN_SUFFIX)]: float(v) for k, v in params.items() if k.endswith(GAIN_SUFFIX)}
     return {
         "method": cfg.method,
         "label": run.method.label,
