@@ -75,6 +75,8 @@ def measure(name: str, order: int) -> dict[str, float | str]:
         torch.autograd.grad(total, list(params.values()))
 
     f, fb = _calls(fwd), _calls(fwdbwd)
+    loop = AON(include=frozenset(params), out_axes=out_axes, order=order, batching="loop")
+    f_loop = _calls(lambda: loop.apply(params, state))
     plan = tr.plan(params, state)
     per = flops_per_matrix(order)
     padded = sum(b.size * per(b.k, b.n) for b in plan.buckets)
@@ -83,6 +85,8 @@ def measure(name: str, order: int) -> dict[str, float | str]:
         "fwd": sum(f.values()),
         "fwd+bwd": sum(fb.values()),
         "launches": sum(v for k, v in f.items() if k not in VIEWS),
+        "loop_fwd": sum(f_loop.values()),
+        "loop_launches": sum(v for k, v in f_loop.items() if k not in VIEWS),
         "buckets": len(plan.buckets),
         "matrices": len(layouts),
         "roofline_flop": _flops(roofline_products(layouts, order, backward=False)),
@@ -106,18 +110,22 @@ def main() -> None:
     )
     print(
         "| shapes | matrices | buckets | ATen fwd | ATen fwd+bwd | launches fwd | "
-        "padded / exact FLOPs | roofline ms | projected fwd ms | / roofline | upper bound |"
+        "padded / exact FLOPs | roofline ms | projected fwd ms | / roofline | upper bound | "
+        "loop ATen fwd | loop / auto |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         roof = float(r["roofline_flop"]) / rate
         device = roof * float(r["padded_over_exact"]) + float(r["launches"]) * args.launch_us * 1e-6
         host = float(r["fwd"]) * args.host_us * 1e-6
         proj, upper = max(host, device), host + device
+        loop_device = roof + float(r["loop_launches"]) * args.launch_us * 1e-6
+        loop = max(float(r["loop_fwd"]) * args.host_us * 1e-6, loop_device)
         print(
             f"| {name} | {r['matrices']} | {r['buckets']} | {r['fwd']} | {r['fwd+bwd']} | "
             f"{r['launches']} | {float(r['padded_over_exact']):.2f} | {1e3 * roof:.2f} | "
-            f"{1e3 * proj:.2f} | {proj / roof:.2f} | {upper / roof:.2f} |"
+            f"{1e3 * proj:.2f} | {proj / roof:.2f} | {upper / roof:.2f} | "
+            f"{r['loop_fwd']} | {loop / proj:.1f} |"
         )
     print("\n(models: " + "; ".join(f"{m}: {MODELS[m].description}" for m in rows) + ")")
 
