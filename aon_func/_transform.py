@@ -252,7 +252,9 @@ class WeightTransform:
             missing = sorted(self.include - set(params))
             if missing:
                 raise ValueError(
-                    f"include names {missing} are not in params (params from another model?)"
+                    f"include names {missing} are not in params (params from another model? "
+                    "A tied weight is in named_parameters() once, under its first name: "
+                    "AON.for_module(model) finds ties)"
                 )
         unknown = sorted(set(self.out_axes) - set(params))
         if unknown:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
 
 from aon_func import AON, gain_key
 
@@ -273,3 +274,12 @@ def test_float16_compute_dtype_is_refused_at_construction() -> None:
     # float16's range is too narrow for the eps clamp: refused before any apply.
     with pytest.raises(TypeError, match=r"compute_dtype=torch\.float16 is not supported"):
         AON(compute_dtype=torch.float16)
+
+
+def test_an_include_name_that_a_tie_hides_gets_a_hint() -> None:
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied: named_parameters() reports it once, as emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    params = dict(model.named_parameters())
+    with pytest.raises(ValueError, match=r"\['head.weight'\] are not in params.*tied weight"):
+        AON(include={"head.weight"}).apply(params)
