@@ -100,10 +100,10 @@ def bca_interval(
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, d.size, size=(resamples, d.size))
     boot = d[idx].mean(axis=1)
-    below = (np.count_nonzero(boot < mean) + 0.5 * np.count_nonzero(boot == mean)) / resamples
-    below = min(max(below, 0.5 / resamples), 1.0 - 0.5 / resamples)
+    share = (np.count_nonzero(boot < mean) + 0.5 * np.count_nonzero(boot == mean)) / resamples
+    below = min(max(float(share), 0.5 / resamples), 1.0 - 0.5 / resamples)
     z0 = _NORMAL.inv_cdf(below)
-    a = acceleration(d)
+    a = acceleration(d.tolist())
     ends = []
     for tail in ((1.0 - level) / 2.0, (1.0 + level) / 2.0):
         z = _NORMAL.inv_cdf(tail)
