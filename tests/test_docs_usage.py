@@ -32,7 +32,17 @@ BLOCKS = _blocks()
 
 def test_the_page_has_the_use_cases() -> None:
     ids = " ".join(i for i, _ in BLOCKS)
-    for section in ("functional-training", "torch-optim", "maml", "ensembles", "torch-compile"):
+    for section in (
+        "functional-training",
+        "torch-optim",
+        "maml",
+        "ensembles",
+        "torch-compile",
+        "layers-beyond-torch-nn",
+        "hugging-face-transformers",
+        "aon-norm",
+        "distributed-training",
+    ):
         assert section in ids
     assert "parametrize" in ids
 
