@@ -40,11 +40,13 @@ from ._layout import Layout, from_matrix, layout_of, to_matrix
 __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_ORDER",
+    "MATMUL_DTYPES",
     "SAFEGUARD_ITERATIONS",
     "SIGMA_HAT_FLOOR",
     "STATELESS_POWER_ITERATIONS",
     "aon",
     "aon_matrix",
+    "check_matmul_dtype",
     "gram_iterations",
     "power_iterate",
     "prescale",
@@ -87,6 +89,36 @@ singular vectors) from dividing by a near-zero or negative estimate.
 """
 
 _RENORM_EVERY = 8  # power-iteration steps between two rescalings of the iterate
+
+
+MATMUL_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+"""The accepted ``matmul_dtype`` values besides ``None`` (float16 is refused, as for ``compute_dtype``)."""
+
+
+def check_matmul_dtype(value: object) -> torch.dtype | None:
+    """``None`` or one of :data:`MATMUL_DTYPES`: the dtype of the kernel's matrix products' operands.
+
+    float16 is refused: the Gram of a prescaled ``k x N`` matrix has entries
+    up to ``N``, and its square up to ``N^2``, beyond float16's 65504.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(
+            f"matmul_dtype must be None or a torch.dtype (torch.bfloat16, torch.float32, "
+            f"torch.float64), got {value!r} ({type(value).__name__})"
+        )
+    if value not in MATMUL_DTYPES:
+        raise TypeError(
+            f"matmul_dtype={value} is not supported: expected None (the compute dtype), "
+            "torch.bfloat16 (bf16 operands, float32 accumulation), torch.float32 or torch.float64"
+            + (
+                " (float16's range is too narrow for the Gram and its square)"
+                if value == torch.float16
+                else ""
+            )
+        )
+    return value
 
 
 def taylor_coefficients(order: int) -> tuple[float, ...]:
@@ -196,6 +228,18 @@ def _gram_power(device: torch.device, order: int, iterations: int) -> int:
     return 2 if order >= 2 and iterations % 2 == 0 else 1
 
 
+def _to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``, without a call when it is already (a call is host time on a GPU)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _mm_in(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` with the operands in ``dtype`` (the product dtype), the result in ``a``'s dtype."""
+    if dtype == a.dtype:
+        return _mm(a, b)
+    return _to(_mm(_to(a, dtype), _to(b, dtype)), a.dtype)
+
+
 def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
     """``beta c + alpha a @ b`` in one fused call, for one matrix or a stack."""
     if a.ndim == 2 and c.ndim <= 2:
@@ -231,9 +275,10 @@ def _gram_state(
     (zero padding stays exact), and it keeps ``s_max / sigma <= 2 sqrt(k)``
     whatever ``u`` is, so ``h`` stays finite.
     """
-    gram = _mm(z, z.mT)
+    cd = u.dtype  # the compute dtype; z may be in a narrower product dtype
+    gram = _to(_mm(z, z.mT), cd)
     with torch.no_grad():
-        g2 = _mm(gram, gram) if squared or power >= 2 else gram.new_empty(0)
+        g2 = _mm_in(gram, gram, z.dtype) if squared or power >= 2 else gram.new_empty(0)
         fro = torch.linalg.vector_norm(gram, dim=(-2, -1), keepdim=True)
         trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
         # fmax: 0 * inf = NaN for the zero matrix gives the other operand, 1/2.
@@ -309,10 +354,11 @@ class _GramZvFwd(_GramZv):
     @staticmethod
     def jvp(ctx: Any, dz: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
         z, w, gram = ctx.saved_tensors
-        a = dz @ z.mT
+        a = _to(_mm(dz, z.mT), gram.dtype)
         dg = a + a.mT
         dg2 = dg @ gram + gram @ dg if ctx.squared else gram.new_empty(0)
-        return dg, dg2, dz @ (z.mT @ w), None, None, None
+        dzv = _to(dz @ (z.mT @ _to(w, z.dtype)), gram.dtype)
+        return dg, dg2, dzv, None, None, None
 
 
 class _GramZvGrad(torch.autograd.Function):
@@ -327,7 +373,7 @@ class _GramZvGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(dg: Tensor, dzv: Tensor, z: Tensor, w: Tensor) -> Tensor:
-        return (dg + dg.mT + dzv @ w.mT) @ z
+        return _mm(_to(dg + dg.mT + dzv @ w.mT, z.dtype), z)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -338,8 +384,8 @@ class _GramZvGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         dg, z, w = ctx.saved_tensors
-        a = dout @ z.mT
-        return a + a.mT, a @ w, (dg + dg.mT) @ dout, None
+        a = _to(_mm(dout, z.mT), dg.dtype)
+        return a + a.mT, a @ w, _mm(_to(dg + dg.mT, z.dtype), dout), None
 
 
 class _GramZvGradFwd(_GramZvGrad):
@@ -348,7 +394,8 @@ class _GramZvGradFwd(_GramZvGrad):
     @staticmethod
     def jvp(ctx: Any, ddg: Tensor, ddzv: Tensor, dz: Tensor, dw: Tensor | None) -> Tensor:
         dg, z, w = ctx.saved_tensors
-        return (ddg + ddg.mT + ddzv @ w.mT) @ z + (dg + dg.mT) @ dz
+        pd = z.dtype
+        return _mm(_to(ddg + ddg.mT + ddzv @ w.mT, pd), z) + _mm(_to(dg + dg.mT, pd), dz)
 
 
 def _gram_zv(
@@ -356,6 +403,72 @@ def _gram_zv(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = _GramZv if torch.compiler.is_compiling() else _GramZvFwd
     return fn.apply(z, u, fallback, iterations, power, squared)  # type: ignore[no-untyped-call]
+
+
+class _ScaledMm(torch.autograd.Function):
+    """``h = (P s) Z`` for a ``k x k`` factor ``P`` and a per-matrix scalar ``s``, keeping ``P``, ``s``, ``Z``.
+
+    Autograd of ``(P * s) @ Z`` would keep the scaled factor ``P s`` as well
+    as ``P``: one more ``k x k`` tensor per matrix, as large as the weight
+    for a square one. The backward rebuilds ``P s`` (one elementwise pass)
+    for ``dZ = (P s)^T dh``; ``d(P s) = dh Z^T`` is the one other product,
+    as in autograd. ``Z`` may be in a narrower product dtype than ``P`` (the
+    ``matmul_dtype`` option): the products run in ``Z``'s dtype, ``P``, ``s``
+    and their gradients stay in the compute dtype. The backward is made of
+    differentiable ops, so grad-of-grad works; ``vmap`` uses the generated
+    rule. Compiled code uses this class, eager code :class:`_ScaledMmFwd`
+    (with a ``jvp``), as for :class:`_GramZv`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p: Tensor, s: Tensor, z: Tensor) -> Tensor:
+        return _to(_mm(_to(p * s, z.dtype), z), p.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        p, s, z = ctx.saved_tensors
+        need_p, need_s, need_z = ctx.needs_input_grad[:3]
+        dp = ds = dz = None
+        if need_p or need_s:
+            dps = _to(_mm(_to(dh, z.dtype), z.mT), p.dtype)
+            if need_p:
+                dp = dps * s
+            if need_s:
+                ds = (dps * p).sum(dim=(-2, -1), keepdim=True)
+                ds = ds if ds.shape == s.shape else ds.sum_to_size(s.shape)
+        if need_z:
+            dz = _mm(_to(p * s, z.dtype).mT, _to(dh, z.dtype))
+        return dp, ds, dz
+
+
+class _ScaledMmFwd(_ScaledMm):
+    """:class:`_ScaledMm` with forward-mode AD (``jvp``) for eager code."""
+
+    @staticmethod
+    def jvp(ctx: Any, dp: Tensor | None, ds: Tensor | None, dz: Tensor | None) -> Tensor:
+        p, s, z = ctx.saved_tensors
+        dps = None if dp is None else dp * s
+        if ds is not None:
+            dps = p * ds if dps is None else torch.addcmul(dps, p, ds)
+        out = None if dps is None else _mm(_to(dps, z.dtype), z)
+        if dz is not None:
+            t = _mm(_to(p * s, z.dtype), dz)
+            out = t if out is None else out + t
+        return _to(out if out is not None else torch.zeros_like(z), p.dtype)
+
+
+def _scaled_mm(p: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """``(p * s) @ z`` in ``z``'s dtype, the result in ``p``'s, keeping only ``p``, ``s``, ``z``."""
+    fn = _ScaledMm if torch.compiler.is_compiling() else _ScaledMmFwd
+    h: Tensor = fn.apply(p, s, z)  # type: ignore[no-untyped-call]
+    return h
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -391,7 +504,9 @@ def _spectral_normalisation(
     return u, u.mT @ zv
 
 
-def _horner(gram: Tensor, g2: Tensor, s1: Tensor, order: int, eye: Tensor) -> tuple[Tensor, float]:
+def _horner(
+    gram: Tensor, g2: Tensor, s1: Tensor, order: int, eye: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, float]:
     """``(P, a)`` with ``a P = P_K(s1 G) = sum_j c_j (I - s1 G)^j`` (``a`` a Python number).
 
     ``P_K`` is only needed up to a positive factor (the post-normalisation
@@ -400,8 +515,9 @@ def _horner(gram: Tensor, g2: Tensor, s1: Tensor, order: int, eye: Tensor) -> tu
     ``K = 1`` is ``(c_0 + c_1) (I - c_1 / (c_0 + c_1) X)``, one ``addcmul``;
     for ``K >= 2`` the first two Horner steps are ``A I + B X + C X^2``, two
     ``addcmul`` with ``G^2`` (which the power iteration shares), and each
-    further step is ``P <- c_j I + (I - X) P``, one ``baddbmm``: ``K - 1``
-    products in all, counting ``G^2``.
+    further step is ``P <- c_j I + (I - X) P``, one ``baddbmm`` (its
+    operands in ``dtype``, the product dtype): ``K - 1`` products in all,
+    counting ``G^2``.
     """
     c = taylor_coefficients(order)
     if order == 1:
@@ -414,7 +530,10 @@ def _horner(gram: Tensor, g2: Tensor, s1: Tensor, order: int, eye: Tensor) -> tu
         q = torch.addcmul(eye, gram, s1, value=-1.0)  # I - X
         for j in range(order - 3, -1, -1):
             # c_j I + (I - X) a P = a (c_j / a I + (I - X) P): the factor a carries over.
-            p = _addmm(eye, q, p, beta=c[j] / a, alpha=1.0)
+            if dtype == p.dtype:
+                p = _addmm(eye, q, p, beta=c[j] / a, alpha=1.0)
+            else:
+                p = torch.add(_mm_in(q, p, dtype), eye, alpha=c[j] / a)
     return p, a
 
 
@@ -428,6 +547,7 @@ def aon_matrix(
     fallback: Tensor | None = None,
     eye: Tensor | None = None,
     gain: Tensor | float | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """AON of a stack of oriented matrices ``z`` ``(..., k, N)`` (``k <= N``), in ``z``'s dtype.
 
@@ -435,13 +555,17 @@ def aon_matrix(
     vectors that replace a zero or non-finite state (default
     :func:`start_vector`); ``eye`` the ``k x k`` identity in ``z``'s dtype
     (a cached constant, made when not given); ``gain`` a fixed number or a
-    ``(..., 1, 1)`` tensor multiplied into ``h``. Returns ``(h, u_new)``. No
+    ``(..., 1, 1)`` tensor multiplied into ``h``; ``matmul_dtype`` the
+    dtype of the Gram, Horner and final products' operands (default
+    ``z``'s; see :func:`check_matmul_dtype`). Returns ``(h, u_new)``. No
     validation: callers check at the boundary. ``order >= 1`` runs
     :func:`gram_iterations` steps on the Gram.
 
     Cost per matrix: ``2 k^2 N`` (Gram) ``+ 2 (K-1) k^3`` (Horner) ``+ 2 k^2 N``
     (product) ``+ 2 k^2`` per power iteration; the backward is ``2K + 1``
-    products of those sizes (see ``_GramZv``).
+    products of those sizes (see ``_GramZv`` and ``_ScaledMm``). Autograd
+    keeps the prescaled ``Z`` and ``k x k`` tensors: the Gram, ``P``, and
+    for ``K >= 2`` the Gram's square (``K >= 3``: and the Horner iterates).
     """
     k, n_cols = z.shape[-2], z.shape[-1]
     if k == 0 or n_cols == 0:
@@ -454,20 +578,48 @@ def aon_matrix(
         scale = sigma.clamp_min(eps).reciprocal()
         h = zs * (scale if gain is None else scale * gain)
         return h, u_new.squeeze(-1)
+    if _autocast_on(z.device):
+        # The kernel chooses its own precision (matmul_dtype); autocast would round the
+        # Gram and its square to the low dtype, beyond what the safeguards assume.
+        with torch.autocast(z.device.type, enabled=False):
+            return _aon_products(zs, ucol, fb, order, n_power_iterations, eye, gain, matmul_dtype)
+    return _aon_products(zs, ucol, fb, order, n_power_iterations, eye, gain, matmul_dtype)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
+def _aon_products(
+    zs: Tensor,
+    ucol: Tensor,
+    fb: Tensor,
+    order: int,
+    n_power_iterations: int,
+    eye: Tensor | None,
+    gain: Tensor | float | None,
+    matmul_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`aon_matrix` for ``order >= 1`` after the prescaling (``zs``; ``ucol``, ``fb`` columns)."""
+    k = zs.shape[-2]
     if eye is None:
-        eye = torch.eye(k, dtype=z.dtype, device=z.device)
+        eye = torch.eye(k, dtype=zs.dtype, device=zs.device)
+    pd = zs.dtype if matmul_dtype is None else matmul_dtype
+    zp = _to(zs, pd)  # the products' operand, cast once
     iterations = gram_iterations(n_power_iterations)
-    power = _gram_power(z.device, order, iterations)
-    gram, g2, zv, u_new, _, floor = _gram_zv(zs, ucol, fb, iterations, power, order >= 2)
+    power = _gram_power(zs.device, order, iterations)
+    gram, g2, zv, u_new, _, floor = _gram_zv(zp, ucol, fb, iterations, power, order >= 2)
     ut = u_new.mT
     # sigma = u^T Z v = |Z^T u|, differentiable with u, v constant; never below the floor.
     inv_sigma = torch.clamp(_mm(ut, zv), min=floor).reciprocal()
-    p, a = _horner(gram, g2, inv_sigma * inv_sigma, order, eye)
-    # What = a P Z / sigma; sigma_hat = u^T What v = a u^T P (Z v) / sigma.
-    sigma_hat = (_mm(ut, _mm(p, zv)) * inv_sigma).clamp_min(SIGMA_HAT_FLOOR / a)
+    p, a = _horner(gram, g2, inv_sigma * inv_sigma, order, eye, pd)
+    # What = a P Z / sigma; sigma_hat = u^T What v = a (u^T P) (Z v) / sigma. (u^T P
+    # first: u is a constant, so autograd keeps a vector, not P.)
+    sigma_hat = (_mm(_mm(ut, p), zv) * inv_sigma).clamp_min(SIGMA_HAT_FLOOR / a)
     scale = inv_sigma / sigma_hat if gain is None else inv_sigma * gain / sigma_hat
-    # Scale the k x k factor, not the k x N product.
-    return _mm(p * scale, zs), u_new.squeeze(-1)
+    # Scale the k x k factor, not the k x N product; autograd keeps P, not P * scale.
+    h = _scaled_mm(p, scale, zp)
+    return h, u_new.squeeze(-1)
 
 
 def aon(
@@ -480,6 +632,7 @@ def aon(
     training: bool = True,
     eps: float = DEFAULT_EPS,
     compute_dtype: torch.dtype | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Approximated orthonormal normalisation of one weight tensor.
 
@@ -512,6 +665,15 @@ def aon(
             ``eps``), in ``(0, 1e-3]``.
         compute_dtype: dtype of the computation; default float32 for
             float16/bfloat16 weights and the weight's dtype otherwise.
+        matmul_dtype: dtype of the operands of the Gram, Horner and final
+            products (``order >= 1``); ``None`` (default) is the compute
+            dtype. ``torch.bfloat16`` halves their cost on hardware with
+            bf16 units (the products accumulate in float32; their results,
+            the state ``u`` and everything else stay in the compute dtype):
+            ``docs/performance.md``, "Precision", has the accuracy it costs.
+            TF32 needs no option: on CUDA, float32 products follow
+            ``torch.backends.cuda.matmul.allow_tf32`` /
+            ``torch.set_float32_matmul_precision``.
 
     Returns:
         ``(h, u_new)``: ``h`` has ``weight``'s shape and dtype; ``u_new`` is the
@@ -540,6 +702,7 @@ def aon(
     axis = check_out_axis(out_axis, weight)
     layout = layout_of(weight.shape, axis)
     cdtype = compute_dtype_for(weight.dtype, compute_dtype)
+    mdtype = check_matmul_dtype(matmul_dtype)
     k = layout.matrix_shape[0]
     if u is None:
         if n_power_iterations == 0:
@@ -552,7 +715,7 @@ def aon(
     else:
         u0 = check_u(u, k, cdtype, weight.device)
         iterations = n_power_iterations
-    h, u_new = aon_tensor(weight, u0, layout, order, iterations, eps, cdtype)
+    h, u_new = aon_tensor(weight, u0, layout, order, iterations, eps, cdtype, mdtype)
     if u is not None and not training:
         u_new = u
     return h, u_new
@@ -566,8 +729,16 @@ def aon_tensor(
     n_power_iterations: int,
     eps: float,
     compute_dtype: torch.dtype,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Unchecked tensor-level kernel: matrix view, cast, AON, back."""
     z = to_matrix(weight, layout).to(compute_dtype)
-    h, u_new = aon_matrix(z, u, order=order, n_power_iterations=n_power_iterations, eps=eps)
+    h, u_new = aon_matrix(
+        z,
+        u,
+        order=order,
+        n_power_iterations=n_power_iterations,
+        eps=eps,
+        matmul_dtype=matmul_dtype,
+    )
     return from_matrix(h, layout).to(weight.dtype), u_new

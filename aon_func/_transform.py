@@ -36,6 +36,7 @@ from ._kernel import (
     DEFAULT_ORDER,
     STATELESS_POWER_ITERATIONS,
     aon_matrix,
+    check_matmul_dtype,
     power_iterate,
     prescale,
     repair_state,
@@ -519,6 +520,11 @@ class AON(WeightTransform):
             ``order >= 1`` at least ``SAFEGUARD_ITERATIONS`` steps run on the
             Gram matrix, see :func:`aon_func.aon`).
         init_iterations: power iterations :meth:`init` runs to warm ``u`` up.
+        matmul_dtype: dtype of the operands of the Gram, Horner and final
+            products (default ``None``: the compute dtype); ``torch.bfloat16``
+            runs them in bf16 with float32 accumulation, the state and all
+            else staying in the compute dtype (see :func:`aon_func.aon` and
+            ``docs/performance.md``, "Precision").
         (others): see :class:`WeightTransform`.
 
     Example:
@@ -536,6 +542,7 @@ class AON(WeightTransform):
     order: int = DEFAULT_ORDER
     n_power_iterations: int = 1
     init_iterations: int = STATELESS_POWER_ITERATIONS
+    matmul_dtype: torch.dtype | None = None
 
     stateful: ClassVar[bool] = True
 
@@ -544,6 +551,7 @@ class AON(WeightTransform):
         check_nonneg_int(self.order, "order")
         check_nonneg_int(self.n_power_iterations, "n_power_iterations")
         check_nonneg_int(self.init_iterations, "init_iterations")
+        check_matmul_dtype(self.matmul_dtype)
 
     def _kernel(self, *, stateless: bool) -> KernelFn:
         iterations = (
@@ -551,7 +559,7 @@ class AON(WeightTransform):
             if stateless
             else self.n_power_iterations
         )
-        order, eps = self.order, self.eps
+        order, eps, matmul_dtype = self.order, self.eps, self.matmul_dtype
 
         def fn(
             z: Tensor, u: Tensor, fallback: Tensor, eye: Tensor, gain: Tensor | float | None
@@ -565,6 +573,7 @@ class AON(WeightTransform):
                 fallback=fallback,
                 eye=eye,
                 gain=gain,
+                matmul_dtype=matmul_dtype,
             )
 
         return fn
