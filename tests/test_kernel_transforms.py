@@ -1,4 +1,6 @@
-"""The AON kernel under torch's transforms: vmap, grad, grad-of-grad, jacrev, compile, gradcheck, dtypes.
+"""The AON kernel under torch's transforms: vmap, grad, grad-of-grad, jacrev, gradcheck, dtypes.
+
+``torch.compile`` is tested in ``tests/test_compile.py``.
 
 A note on derivatives. As in spectral normalisation, ``u`` and ``v`` are
 constants for autograd, so the kernel's derivative is that of ``W -> h(W)``
@@ -290,54 +292,7 @@ def test_grad_of_grad_maml_step_runs(device: torch.device) -> None:
     assert float(g.norm()) > 0
 
 
-# ----------------------------------------------------------------------------- torch.compile
-
-
-COMPILE_CASES = [
-    pytest.param((16, 24), 0, 2, "state", "inductor", id="wide-K2-state-inductor"),
-    pytest.param((12, 3, 2, 2), 1, 0, "state", "aot_eager", id="convT4d-K0-state"),
-    pytest.param((20, 6), 0, 3, "stateless", "aot_eager", id="tall-K3-stateless"),
-    pytest.param((5, 4, 3, 2, 2), 0, 1, "grad", "aot_eager", id="conv5d-K1-grad"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("shape", "out_axis", "order", "mode", "backend"), COMPILE_CASES)
-def test_compile_fullgraph_equals_eager(
-    shape: tuple[int, ...], out_axis: int, order: int, mode: str, backend: str
-) -> None:
-    """``torch.compile(fullgraph=True)`` captures the kernel (and its gradient) in one graph, == eager."""
-    torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(14)
-    w = torch.randn(shape, generator=gen)
-    u = unit(k_of(shape, out_axis), 15, torch.float32)
-    c = torch.randn(shape, generator=gen)
-    if mode == "state":
-
-        def f(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            return aon(w, u, order=order, n_power_iterations=1, out_axis=out_axis)
-
-    elif mode == "stateless":
-
-        def f(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            return aon(w, order=order, out_axis=out_axis)
-
-    else:
-
-        def f(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-            def loss(w: Tensor) -> Tensor:
-                return (aon(w, u, order=order, out_axis=out_axis)[0] * c).sum()
-
-            return torch.func.grad(loss)(w), u
-
-    try:
-        compiled = torch.compile(f, fullgraph=True, backend=backend)
-        got = compiled(w, u)
-        got2 = compiled(w * 2, u)
-    finally:
-        torch._dynamo.reset()
-    for a, b in zip((*got, *got2), (*f(w, u), *f(w * 2, u)), strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+# torch.compile: tests/test_compile.py
 
 
 # ----------------------------------------------------------------------------- dtypes
