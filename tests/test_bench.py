@@ -116,3 +116,49 @@ def test_transformer_shape_sets_have_the_documented_matrices() -> None:
     assert len(shapes) == 112
     assert sum(p.numel() for p in llama.parameters()) == pytest.approx(0.97e9, rel=0.02)
     assert max(shapes) == (8192, 2048)
+
+
+def test_precision_and_compile_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``--dtype bfloat16 --tf32 --compile tiny --compile-steps``: recorded, run, and restored.
+
+    Inductor takes a minute per graph on a small CPU, so ``torch.compile`` is
+    pointed at ``aot_eager`` here (the same capture and autograd graphs).
+    """
+    real_compile = torch.compile
+    modes: list[object] = []
+
+    def compile_aot_eager(fn: Any, *, mode: object = None, **kwargs: Any) -> Any:
+        modes.append(mode)
+        return real_compile(fn, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--sections", "apply,memory,step"]
+    argv += ["--dtype", "bfloat16", "--tf32", "--compile", "tiny", "--compile-steps"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32_before  # restored
+    printed, _ = capfd.readouterr()
+    assert "products in bf16" in printed
+    res = json.loads(out.read_text())
+    assert res["config"]["matmul_dtype"] == "torch.bfloat16"
+    assert res["config"]["tf32"] is True
+    assert res["config"]["compile_steps"] is True
+    cpu = res["devices"]["cpu"]
+    assert cpu["compile_modes"] == ["default"]  # CUDA graphs need CUDA
+    assert modes == [None, None, None]  # apply, and the plain and AON steps: the default mode
+    apply = cpu["apply"]["tiny"]
+    assert apply["matmul_dtype"] == "torch.bfloat16"
+    assert "compiled" in apply["rows"]
+    assert apply["compile_failed"] == {}
+    assert apply["compile_s_by_row"]["compiled"] > 0
+    assert apply["compile_s"] == apply["compile_s_by_row"]["compiled"]
+    step = cpu["step"]["tiny"]
+    assert step["autocast_bf16"] is True
+    assert step["compile_failed"] == {}
+    compiled = step["compiled"]["compiled"]
+    assert compiled["overhead"] > 0
+    assert compiled["compile_s"] > 0
+    assert all(r["over_params"] > 0 for r in cpu["memory"]["tiny"]["rows"].values())

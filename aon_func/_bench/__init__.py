@@ -25,7 +25,7 @@ from ._suite import (
 )
 from ._timing import machine
 
-__all__ = ["register", "run_bench"]
+__all__ = ["compile_modes", "register", "run_bench"]
 
 DEFAULT_MODELS = ("mlp", "resnet18", "resnet50", "vit_s16")
 DEFAULT_STEPS = ("resnet18", "mnist1d_mlp")
@@ -119,11 +119,33 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--compile",
         type=lambda v: v if v in ("all", "none") else _names(v, MODELS),
-        default=list(DEFAULT_COMPILE),
+        default=None,
         help="models that get the torch.compile column: a comma-separated list, 'all' or "
-        f"'none' (default: {','.join(DEFAULT_COMPILE)}; compiling takes about a minute a model)",
+        f"'none' (default: {','.join(DEFAULT_COMPILE)}, none with --quick; compiling takes about "
+        "a minute a model and mode)",
     )
     p.add_argument("--no-compile", action="store_true", help="same as --compile none")
+    p.add_argument(
+        "--compile-steps",
+        action="store_true",
+        help="also time the training steps with their forward and loss compiled (each compile "
+        "mode; a minute or more per model and mode on a CPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="precision of AON's matrix products: float32 (default) or bfloat16 "
+        "(AON(matmul_dtype=torch.bfloat16): bf16 operands, float32 accumulation; the roofline's "
+        "products in bf16 too; the steps under bf16 autocast). Weights stay float32",
+    )
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 in CUDA float32 matrix products and convolutions "
+        "(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32; no effect on "
+        "the CPU)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -140,8 +162,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: --models tiny --steps tiny --repeats 3 --warmup 1 --no-compile, "
-        "memory and neighbours included",
+        help="smoke run: --models tiny --steps tiny --repeats 3 --warmup 1, no compile unless "
+        "--compile names tiny; memory and neighbours included (--dtype and --tf32 still apply)",
     )
     p.add_argument(
         "--json",
@@ -154,7 +176,9 @@ def register(sub: Any) -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.quick:
         args.models, args.steps = ["tiny"], ["tiny"]
-        args.repeats, args.warmup, args.no_compile = 3, 1, True
+        args.repeats, args.warmup = 3, 1
+    if args.compile is None:
+        args.compile = "none" if args.quick else list(DEFAULT_COMPILE)
     if args.no_compile or args.compile == "none":
         compiled: list[str] = []
     elif args.compile == "all":
@@ -163,6 +187,10 @@ def _main(args: argparse.Namespace) -> int:
         compiled = list(args.compile)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     cfg = BenchConfig(
         order=args.order,
         repeats=args.repeats,
@@ -172,6 +200,8 @@ def _main(args: argparse.Namespace) -> int:
         dtype=torch.float32,
         clock=args.clock,
         profile=args.profile,
+        matmul_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None,
+        compile_steps=args.compile_steps,
     )
 
     def save(results: dict[str, Any]) -> None:
@@ -179,15 +209,18 @@ def _main(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
 
-    run_bench(
-        devices=_devices(args.device),
-        models=args.models,
-        steps=args.steps,
-        sections=args.sections,
-        cfg=cfg,
-        log=print,
-        save=save,
-    )
+    try:
+        run_bench(
+            devices=_devices(args.device),
+            models=args.models,
+            steps=args.steps,
+            sections=args.sections,
+            cfg=cfg,
+            log=print,
+            save=save,
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
     if args.json:
         print(f"\nwrote {args.json}")
     return 0
@@ -223,7 +256,10 @@ def run_bench(
             "warmup": cfg.warmup,
             "budget_s": cfg.budget_s,
             "compile": list(cfg.compile),
+            "compile_steps": cfg.compile_steps,
             "dtype": str(cfg.dtype),
+            "matmul_dtype": str(cfg.matmul_dtype or cfg.dtype),
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
             "clock": cfg.clock,
             "profile": cfg.profile,
             "models": models,
@@ -234,8 +270,10 @@ def run_bench(
         "devices": {},
     }
     for device in devices:
+        dcfg = cfg._replace(compile_modes=compile_modes(device))
         res: dict[str, Any] = {
             "machine": machine(device),
+            "compile_modes": list(dcfg.compile_modes),
             "apply": {},
             "neighbours": {},
             "memory": {},
@@ -245,7 +283,8 @@ def run_bench(
         m = res["machine"]
         log(
             f"\n=== {device}: {m.get('cuda_device', m['cpu'])}, torch {m['torch']}, "
-            f"{m['torch_num_threads']} threads, float32, K = {cfg.order} ==="
+            f"{m['torch_num_threads']} threads, float32 weights, products in "
+            f"{_precision(device, dcfg)}, K = {cfg.order} ==="
         )
         for name in models:
             if "calls" in sections:
@@ -254,29 +293,26 @@ def run_bench(
                 log(_calls_line(name, r))
                 saved(results)
             if "apply" in sections:
-                r = bench_apply(name, device, cfg)
+                r = bench_apply(name, device, dcfg)
                 res["apply"][name] = r
                 log(_apply_table(name, r))
                 saved(results)
             if "neighbours" in sections:
-                r = bench_neighbours(name, device, cfg)
+                r = bench_neighbours(name, device, dcfg)
                 res["neighbours"][name] = r
                 log(_neighbour_table(name, r, cfg.order))
                 saved(results)
             if "memory" in sections:
-                r = bench_memory(name, device, cfg, MEMORY_ORDERS)
+                r = bench_memory(name, device, dcfg, MEMORY_ORDERS)
                 res["memory"][name] = r
                 log(_memory_table(name, r))
                 saved(results)
         if "step" in sections:
             for name in steps:
-                r = bench_step(name, device, cfg)
+                r = bench_step(name, device, dcfg)
                 res["step"][name] = r
                 saved(results)
-                log(
-                    f"\nstep  {r['model']}: plain {r['plain_ms']:.1f} ms, AON {r['aon_ms']:.1f} ms, "
-                    f"overhead x{r['overhead']:.2f} ({r['rounds']} rounds, spread {r['spread']:.0%})"
-                )
+                log(_step_lines(r))
         res["targets"] = _targets(res, cfg)
         if res["targets"]:
             log("\ntargets (ResNet-18 shapes, CPU, float32, K = 2):")
@@ -287,6 +323,35 @@ def run_bench(
     saved(results)
     log(f"\nelapsed {results['elapsed_s']:.0f} s")
     return results
+
+
+def compile_modes(device: torch.device) -> tuple[str, ...]:
+    """The ``torch.compile`` modes measured on ``device``: CUDA graphs need CUDA."""
+    return ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
+
+
+def _precision(device: torch.device, cfg: BenchConfig) -> str:
+    if cfg.matmul_dtype == torch.bfloat16:
+        return "bf16 (float32 accumulation)"
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "TF32"
+    return "float32"
+
+
+def _step_lines(r: dict[str, Any]) -> str:
+    lines = [
+        f"\nstep  {r['model']}{' (bf16 autocast)' if r['autocast_bf16'] else ''}: "
+        f"plain {r['plain_ms']:.1f} ms, AON {r['aon_ms']:.1f} ms, "
+        f"overhead x{r['overhead']:.2f} ({r['rounds']} rounds, spread {r['spread']:.0%})"
+    ]
+    for key, c in r["compiled"].items():
+        lines.append(
+            f"  {key}: plain {c['plain_ms']:.1f} ms, AON {c['aon_ms']:.1f} ms, overhead "
+            f"x{c['overhead']:.2f}, AON compiled / eager x{c['aon_over_eager_aon']:.2f}; "
+            f"compile {c['compile_s']:.0f} s"
+        )
+    lines.extend(f"  {key}: failed: {why}" for key, why in r["compile_failed"].items())
+    return "\n".join(lines)
 
 
 def _count_cell(c: dict[str, Any]) -> str:
@@ -307,7 +372,7 @@ def _apply_table(name: str, r: dict[str, Any]) -> str:
     lines = [
         f"\napply  {r['model']}: {r['n_matrices']} matrices in {r['n_groups']} shape groups, "
         f"{r['rounds']} rounds; roofline {g['fwd']:.2f} / {g['fwd+bwd']:.2f} GFLOP"
-        + (f"; compile {r['compile_s']:.0f} s" if r["compile_s"] is not None else ""),
+        + "".join(f"; {k} {s:.0f} s to compile" for k, s in r["compile_s_by_row"].items()),
         f"  auto plan: {r['plan']}; fwd {_count_cell(c['fwd'])}, "
         f"fwd+bwd {_count_cell(c['fwd+bwd'])}",
         f"  {'':<14}{'fwd ms':>9}{'/roofline':>10}{'/loop':>7}{'fwd+bwd ms':>12}{'/roofline':>10}{'/loop':>7}",
@@ -318,6 +383,7 @@ def _apply_table(name: str, r: dict[str, Any]) -> str:
             f"  {key:<14}{f['ms']:>9.2f}{f['over_roofline']:>10.2f}{f['over_kernel_loop']:>7.2f}"
             f"{b['ms']:>12.2f}{b['over_roofline']:>10.2f}{b['over_kernel_loop']:>7.2f}"
         )
+    lines.extend(f"  {key}: failed: {why}" for key, why in r["compile_failed"].items())
     if r.get("profile"):
         lines.append(f"  profile of {r['auto']} fwd+bwd (self CPU time, torch.profiler):")
         lines.extend(

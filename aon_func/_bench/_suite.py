@@ -12,7 +12,14 @@ from torch import Tensor, nn
 from aon_func import AON, ONI, Layout, NewtonSchulz, Plan, Polar, WeightTransform, aon
 
 from ._models import MODELS, STEP_MODELS
-from ._timing import Timings, count_calls, peak_extra_bytes, quiet_profiler, time_interleaved
+from ._timing import (
+    Timings,
+    count_calls,
+    peak_extra_bytes,
+    quiet_profiler,
+    synchronize,
+    time_interleaved,
+)
 
 State = dict[str, Tensor]
 
@@ -22,6 +29,7 @@ __all__ = [
     "bench_memory",
     "bench_neighbours",
     "bench_step",
+    "compiled_key",
     "describe_plan",
     "roofline_products",
 ]
@@ -38,6 +46,12 @@ class BenchConfig(NamedTuple):
     dtype: torch.dtype
     clock: str = "wall"
     profile: bool = False
+    matmul_dtype: torch.dtype | None = None
+    """``AON(matmul_dtype=...)``: ``torch.bfloat16`` for ``--dtype bfloat16`` (the roofline too)."""
+    compile_modes: tuple[str, ...] = ("default",)
+    """``torch.compile`` modes of the compiled rows: ``default``, and ``reduce-overhead`` on CUDA."""
+    compile_steps: bool = False
+    """Also time the training steps with their forward and loss compiled."""
 
 
 Fn = Callable[[], object]
@@ -185,12 +199,31 @@ def _flops(products: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> float:
     return total
 
 
+def compiled_key(mode: str) -> str:
+    """The row of a ``torch.compile`` mode: ``compiled`` (default mode), ``compiled reduce-overhead``."""
+    return "compiled" if mode == "default" else f"compiled {mode}"
+
+
+def _compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``torch.compile(fn, mode=...)``; with CUDA graphs, each call starts a new step."""
+    compiled = torch.compile(fn, mode=None if mode == "default" else mode)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        return compiled(*args, **kwargs)
+
+    return call
+
+
 def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
     """(a) and (c): ``AON.apply`` batched, looped, per-layer kernel loop, compiled; roofline."""
     params, out_axes, layouts = _model_params(name, device, cfg.dtype)
     include = frozenset(params)
+    md = cfg.matmul_dtype
     trs = {
-        b: AON(include=include, out_axes=out_axes, order=cfg.order, batching=b)
+        b: AON(include=include, out_axes=out_axes, order=cfg.order, batching=b, matmul_dtype=md)
         for b in ("auto", "vmap", "loop")
     }
     state = trs["auto"].init(params, generator=torch.Generator(device=device).manual_seed(0))
@@ -200,7 +233,8 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
 
     def kernel_loop() -> list[Tensor]:
         return [
-            aon(params[n], state[n], order=order, out_axis=out_axes.get(n, 0))[0] for n in names
+            aon(params[n], state[n], order=order, out_axis=out_axes.get(n, 0), matmul_dtype=md)[0]
+            for n in names
         ]
 
     forwards: dict[str, Callable[[], Sequence[Tensor]]] = {
@@ -209,23 +243,31 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
         "apply loop": _weights_of(trs["loop"], params, state),
         "kernel loop": kernel_loop,
     }
-    compile_s = None
+    compile_s: dict[str, float] = {}
+    compile_failed: dict[str, str] = {}
     if name in cfg.compile:
-        compiled = torch.compile(trs["auto"].apply)
-        forwards["compiled"] = _weights_of(compiled, params, state)
-        t0 = time.perf_counter()
-        _fwd_bwd(forwards["compiled"], inputs)()
-        compile_s = time.perf_counter() - t0
+        for mode in cfg.compile_modes:
+            key = compiled_key(mode)
+            fwd = _weights_of(_compiled(trs["auto"].apply, mode), params, state)
+            t0 = time.perf_counter()
+            try:  # the forward and the backward graphs are compiled here, before timing
+                _fwd_bwd(fwd, inputs)()
+                synchronize(device)
+            except Exception as exc:  # a failed mode is reported, not fatal
+                compile_failed[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            compile_s[key] = time.perf_counter() - t0
+            forwards[key] = fwd
     fns: dict[str, Fn] = {}
-    for key, fwd in forwards.items():
-        fns[f"{key}/fwd"] = fwd
-        fns[f"{key}/fwd+bwd"] = _fwd_bwd(fwd, inputs)
+    for key, forward in forwards.items():
+        fns[f"{key}/fwd"] = forward
+        fns[f"{key}/fwd+bwd"] = _fwd_bwd(forward, inputs)
     prods = {
         mode: roofline_products(layouts, order, backward=mode == "fwd+bwd")
         for mode in ("fwd", "fwd+bwd")
     }
     for mode, p in prods.items():
-        fns[f"roofline/{mode}"] = _roofline_fn(p, device, cfg.dtype)
+        fns[f"roofline/{mode}"] = _roofline_fn(p, device, md or cfg.dtype)
     t = time_interleaved(
         fns, device, repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s, clock=cfg.clock
     )
@@ -252,7 +294,10 @@ def bench_apply(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, 
         "plan": describe_plan(trs["auto"].plan(params, state)),
         "calls": calls,
         "rounds": len(t.rounds),
-        "compile_s": compile_s,
+        "compile_s": compile_s.get("compiled"),
+        "compile_s_by_row": compile_s,
+        "compile_failed": compile_failed,
+        "matmul_dtype": str(md or cfg.dtype),
         "roofline_gflop": {m: _flops(p) / 1e9 for m, p in prods.items()},
         "rows": rows,
         "profile": profile,
@@ -401,7 +446,13 @@ def bench_memory(
     out: dict[str, Any] = {"param_bytes": param_bytes, "rows": {}}
     for k in orders:
         for batching in ("auto", "loop"):
-            tr = AON(include=frozenset(params), out_axes=out_axes, order=k, batching=batching)
+            tr = AON(
+                include=frozenset(params),
+                out_axes=out_axes,
+                order=k,
+                batching=batching,
+                matmul_dtype=cfg.matmul_dtype,
+            )
             state = tr.init(params)
             run = _fwd_bwd(_weights_of(tr, params, state), inputs)
             run()  # cotangents allocated outside the measured call
@@ -414,7 +465,15 @@ def bench_memory(
 
 
 def bench_step(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
-    """(d): training-step time with AON on every linear map over the step without it."""
+    """(d): training-step time with AON on every linear map over the step without it.
+
+    With ``cfg.matmul_dtype = torch.bfloat16`` both steps run their forward
+    and loss under ``torch.autocast(dtype=torch.bfloat16)`` and AON runs its
+    products in bf16 (autocast does not reach the kernel). With
+    ``cfg.compile_steps`` the forward and loss of both are also compiled in
+    each of ``cfg.compile_modes`` (backward and optimiser eager), timed in
+    the same rounds.
+    """
     spec = STEP_MODELS[name]
     torch.manual_seed(0)
     model = spec.build().to(device=device, dtype=cfg.dtype).train()
@@ -422,7 +481,8 @@ def bench_step(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, A
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn((spec.batch, *spec.input_shape), generator=gen, device=device, dtype=cfg.dtype)
     y = torch.randint(0, spec.n_classes, (spec.batch,), generator=gen, device=device)
-    tr = AON.for_module(model, order=cfg.order)
+    tr = AON.for_module(model, order=cfg.order, matmul_dtype=cfg.matmul_dtype)
+    autocast = cfg.matmul_dtype == torch.bfloat16
 
     def fresh() -> tuple[dict[str, Tensor], torch.optim.Optimizer]:
         ps = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
@@ -433,38 +493,84 @@ def bench_step(name: str, device: torch.device, cfg: BenchConfig) -> dict[str, A
             opt = torch.optim.SGD(ps.values(), lr=1e-2, momentum=0.9)
         return ps, opt
 
-    plain_params, plain_opt = fresh()
-    aon_params, aon_opt = fresh()
-    state = [tr.init(aon_params)]
+    def loss_plain(ps: dict[str, Tensor]) -> Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = torch.func.functional_call(model, {**buffers, **ps}, (x,))
+            return nn.functional.cross_entropy(out, y)
 
-    def step_plain() -> object:
-        out = torch.func.functional_call(model, {**buffers, **plain_params}, (x,))
-        nn.functional.cross_entropy(out, y).backward()  # type: ignore[no-untyped-call]
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-        return None
+    def loss_aon(ps: dict[str, Tensor], s: State) -> tuple[Tensor, State]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out, s = tr.functional_call(model, ps, s, x)
+            return nn.functional.cross_entropy(out, y), s
 
-    def step_aon() -> object:
-        out, state[0] = tr.functional_call(model, aon_params, state[0], x)
-        nn.functional.cross_entropy(out, y).backward()  # type: ignore[no-untyped-call]
-        aon_opt.step()
-        aon_opt.zero_grad(set_to_none=True)
-        return None
+    def make_steps(
+        plain_loss: Callable[..., Tensor], aon_loss: Callable[..., tuple[Tensor, State]]
+    ) -> dict[str, Fn]:
+        plain_params, plain_opt = fresh()
+        aon_params, aon_opt = fresh()
+        state = [tr.init(aon_params)]
+
+        def step_plain() -> object:
+            plain_loss(plain_params).backward()  # type: ignore[no-untyped-call]
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+            return None
+
+        def step_aon() -> object:
+            loss, state[0] = aon_loss(aon_params, state[0])
+            loss.backward()  # type: ignore[no-untyped-call]
+            aon_opt.step()
+            aon_opt.zero_grad(set_to_none=True)
+            return None
+
+        return {"plain": step_plain, "aon": step_aon}
+
+    fns = make_steps(loss_plain, loss_aon)
+    compile_s: dict[str, float] = {}
+    compile_failed: dict[str, str] = {}
+    for mode in cfg.compile_modes if cfg.compile_steps else ():
+        key = compiled_key(mode)
+        steps = make_steps(_compiled(loss_plain, mode), _compiled(loss_aon, mode))
+        try:
+            for which, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()  # compiles the forward and, at its first backward, the backward graph
+                fn()
+                synchronize(device)
+                compile_s[f"{which} {key}"] = time.perf_counter() - t0
+        except Exception as exc:  # a failed mode is reported, not fatal
+            compile_failed[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            continue
+        fns.update({f"{which} {key}": fn for which, fn in steps.items()})
 
     t: Timings = time_interleaved(
-        {"plain": step_plain, "aon": step_aon},
+        fns,
         device,
         repeats=cfg.repeats,
         warmup=cfg.warmup,
         budget_s=cfg.budget_s,
         clock=cfg.clock,
     )
+    compiled = {
+        key: {
+            "plain_ms": 1e3 * t.median(f"plain {key}"),
+            "aon_ms": 1e3 * t.median(f"aon {key}"),
+            "overhead": t.ratio(f"aon {key}", f"plain {key}"),
+            "aon_over_eager_aon": t.ratio(f"aon {key}", "aon"),
+            "compile_s": compile_s[f"plain {key}"] + compile_s[f"aon {key}"],
+        }
+        for key in (compiled_key(m) for m in cfg.compile_modes)
+        if f"aon {key}" in fns
+    }
     return {
         "model": spec.description,
         "order": cfg.order,
+        "autocast_bf16": autocast,
         "rounds": len(t.rounds),
         "plain_ms": 1e3 * t.median("plain"),
         "aon_ms": 1e3 * t.median("aon"),
         "overhead": t.ratio("aon", "plain"),
-        "spread": max(t.spread("plain"), t.spread("aon")),
+        "spread": max(t.spread(k) for k in fns),
+        "compiled": compiled,
+        "compile_failed": compile_failed,
     }
