@@ -6,6 +6,17 @@
 does the same for one method. Every run is checkpointed after every epoch in
 ``--out/runs/``; ``--resume`` continues them.
 
+Protocol: each seed's validation split is carved from the training set
+(``--val-fraction``; ``--train-size`` subsamples the training set first);
+the per-epoch numbers are validation numbers and the test set is read once
+per run, at its end. With ``--tune`` each method is first trained with every
+configuration of its grid (:mod:`.protocol`) on ``--tune-seeds`` seeds
+(0..T-1), the configuration of the best mean validation accuracy is kept,
+and it is trained on the ``--seeds`` evaluation seeds (T..T+N-1), whose test
+accuracies are reported. Without ``--tune`` the options' one configuration
+is run on seeds 0..N-1. ``compare`` then tests every method against
+``plain`` and the best regulariser by validation (:mod:`.stats`).
+
 ``--out`` is never overwritten: without ``--resume``, a folder that already
 holds results (``results.json``, ``config.json`` or ``runs/``) is left alone
 and the new results go beside it, into the first free ``OUT-2``, ``OUT-3``...
@@ -39,7 +50,8 @@ import torch
 
 from .. import DEFAULT_ORDER
 from .methods import METHOD_NAMES, Method, Scale, parse_method, parse_methods
-from .models import DATASET_SHAPES, MODELS, build_model, default_model
+from .models import ACTIVATIONS, DATASET_SHAPES, DEEP_MODELS, MODELS, build_model, default_model
+from .protocol import DEFAULT_TUNE
 
 __all__ = ["DEFAULT_METHODS", "QUICK_EPOCHS", "QUICK_SEEDS", "register"]
 
@@ -55,6 +67,8 @@ QUICK_SEEDS = 2
 DEFAULT_NORMALISE_HEAD = False
 DEFAULT_GAIN = "learnable"
 DEFAULT_GAIN_INIT = math.sqrt(2.0)
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TUNE_SEEDS = 3
 
 _ARTEFACTS = ("results.json", "config.json", "runs")
 
@@ -100,6 +114,57 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    values = []
+    for part in (t.strip() for t in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated positive numbers, got {part!r}"
+            ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated positive numbers, got {part!r}"
+            )
+        values.append(value)
+    return tuple(values)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated orders >= 0, got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated orders >= 0, got {text!r}")
+    return values
+
+
+def _scales(text: str) -> tuple[tuple[bool, str], ...]:
+    out = []
+    for part in (t.strip() for t in text.split(",")):
+        head, _, gain = part.partition(":")
+        if head not in ("free", "head") or not gain:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated HEAD:GAIN with HEAD free or head, got {part!r}"
+            )
+        out.append((head == "head", _gain(gain)))
+    return tuple(out)
+
+
 def _gain(text: str) -> str:
     if text in ("none", "learnable"):
         return text
@@ -142,6 +207,37 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--model",
         choices=MODELS,
         help="default: mlp for mnist1d and digits, cnn for mnist, resnet for cifar10",
+    )
+    g.add_argument(
+        "--depth",
+        type=_positive_int,
+        default=20,
+        help=f"weight layers of {' and '.join(DEEP_MODELS)}, the classifier included (default: 20)",
+    )
+    g.add_argument(
+        "--width",
+        type=_positive_int,
+        help="units (deep-mlp, default 100) or channels (deep-cnn, default 16)",
+    )
+    g.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default="relu",
+        help="of the deep models (default: relu)",
+    )
+    g.add_argument(
+        "--train-size",
+        type=_positive_int,
+        metavar="N",
+        help="train on a fixed subset of N training examples (validation included; default: all)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=DEFAULT_VAL_FRACTION,
+        metavar="F",
+        help="share of the training set held out for validation, per seed "
+        f"(default: {DEFAULT_VAL_FRACTION})",
     )
     g = p.add_argument_group("training")
     g.add_argument(
@@ -188,6 +284,58 @@ def _common(p: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=DEFAULT_GAIN_INIT,
         help="initial value of a learnable gain (default: sqrt(2))",
+    )
+    g = p.add_argument_group(
+        "tuning on validation (--tune: every method gets the same grid; the options above "
+        "it replaces are --lr, --normalise-head/--gain and an unnumbered method's order or weight)"
+    )
+    g.add_argument(
+        "--tune",
+        action="store_true",
+        help="select each method's configuration on validation over --tune-seeds seeds, "
+        "then report --seeds further seeds",
+    )
+    g.add_argument(
+        "--tune-seeds",
+        type=_positive_int,
+        default=DEFAULT_TUNE_SEEDS,
+        help=f"seeds 0..T-1 for the selection (default: {DEFAULT_TUNE_SEEDS})",
+    )
+    g.add_argument(
+        "--tune-lrs",
+        type=_float_list,
+        default=DEFAULT_TUNE.lrs,
+        metavar="LIST",
+        help="learning rates (default: 0.003,0.01,0.03)",
+    )
+    g.add_argument(
+        "--tune-lambdas",
+        type=_float_list,
+        default=DEFAULT_TUNE.lambdas,
+        metavar="LIST",
+        help="penalty weights of soft and srip (default: 1e-4,1e-3,1e-2)",
+    )
+    g.add_argument(
+        "--tune-decays",
+        type=_float_list,
+        default=DEFAULT_TUNE.decays,
+        metavar="LIST",
+        help="decoupled weight decays of wd (default: 0.01,0.1,1)",
+    )
+    g.add_argument(
+        "--tune-orders",
+        type=_int_list,
+        default=DEFAULT_TUNE.orders,
+        metavar="LIST",
+        help="AON orders of aon and aon-fro (default: 1,2,4)",
+    )
+    g.add_argument(
+        "--tune-scales",
+        type=_scales,
+        default=DEFAULT_TUNE.scales,
+        metavar="LIST",
+        help="head/gain policies of the normalising methods, HEAD:GAIN with HEAD free "
+        "(classifier left alone) or head (normalised) (default: free:learnable,head:learnable)",
     )
     g = p.add_argument_group("output")
     g.add_argument(
@@ -424,25 +572,48 @@ def _run(args: argparse.Namespace, methods: list[Method]) -> int:
 
 def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
     from . import train
-    from .data import check_dataset_args, load_dataset
-    from .report import text_table, write_plots, write_results
+    from .data import TRAIN_SIZES, check_dataset_args, load_dataset, split_validation, subsample
+    from .protocol import TuneGrid, commit, grid, machine, select
+    from .report import comparison_lines, text_table, write_plots, write_results
 
     # Everything that needs no data first: a mistake costs no data generation.
     torch.set_num_threads(args.threads)
     device = _device(args.device)
     model = args.model or default_model(args.dataset)
     check_dataset_args(args.dataset, args.data_dir)
+    deep = model in DEEP_MODELS
     try:
         # every data set has 10 classes; the shape alone decides whether a model fits
-        build_model(model, DATASET_SHAPES[args.dataset], 10, dataset=args.dataset)
+        build_model(
+            model,
+            DATASET_SHAPES[args.dataset],
+            10,
+            dataset=args.dataset,
+            depth=args.depth,
+            width=args.width,
+            activation=args.activation,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    scale = Scale(args.normalise_head, args.gain, args.gain_init)
+    known = TRAIN_SIZES.get(args.dataset)
+    if args.train_size is not None and known is not None and args.train_size > known:
+        raise UsageError(
+            f"--train-size {args.train_size}: {args.dataset} has only {known} training examples"
+        )
+    if args.train_size is not None and args.train_size < 2:
+        raise UsageError(f"--train-size {args.train_size}: at least 2 (train and validation)")
+    tune = TuneGrid(
+        lrs=args.tune_lrs,
+        lambdas=args.tune_lambdas,
+        decays=args.tune_decays,
+        orders=args.tune_orders,
+        scales=args.tune_scales,
+    )
     out = _claim_out(args.out or Path("runs") / args.command, args.resume)
     created = _make_out(out)
     try:
         extend_from = _check_resume(args, out)
-        data = load_dataset(args.dataset, args.data_dir)
+        data = subsample(load_dataset(args.dataset, args.data_dir), args.train_size)
     except BaseException:
         _remove_empty(created)
         raise
@@ -452,77 +623,223 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
             f"aon-func: --extend: the {extend_from}-epoch results of {out} are now in {moved}",
             file=sys.stderr,
         )
+    sizes = split_validation(data, args.val_fraction, 0).sizes()
+    tune_seeds = list(range(args.tune_seeds)) if args.tune else []
+    eval_seeds = list(range(len(tune_seeds), len(tune_seeds) + args.seeds))
+    scale = Scale(args.normalise_head, args.gain, args.gain_init)
     config: dict[str, Any] = {
         "command": args.command,
         "dataset": args.dataset,
         "model": model,
+        "depth": args.depth if deep else None,
+        "width": args.width if deep else None,
+        "activation": args.activation if deep else None,
         "methods": [m.name for m in methods],
         "epochs": args.epochs,
         "seeds": args.seeds,
+        "eval_seeds": eval_seeds,
+        "tune": args.tune,
+        "tune_seeds": tune_seeds,
+        "grid": (
+            {
+                "lrs": list(tune.lrs),
+                "lambdas": list(tune.lambdas),
+                "decays": list(tune.decays),
+                "orders": list(tune.orders),
+                "scales": [{"normalise_head": h, "gain": g} for h, g in tune.scales],
+            }
+            if args.tune
+            else None
+        ),
         "batch_size": args.batch_size,
-        "lr": args.lr,
-        "normalise_head": args.normalise_head,
-        "gain": args.gain,
+        "lr": None if args.tune else args.lr,
+        "normalise_head": None if args.tune else args.normalise_head,
+        "gain": None if args.tune else args.gain,
         "gain_init": args.gain_init,
-        "scale": scale.describe(),
+        "scale": "chosen per method on validation (--tune-scales)"
+        if args.tune
+        else scale.describe(),
+        "train_size": args.train_size,
+        "val_fraction": args.val_fraction,
         "default_order": DEFAULT_ORDER,
         "device": str(device),
         "threads": args.threads,
         "torch": torch.__version__,
     }
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-    n_runs = len(methods) * args.seeds
+
+    plans = {m.name: grid(m, tune) if args.tune else [_fixed_point(m, args)] for m in methods}
+    n_runs = sum(len(g) * len(tune_seeds) + len(eval_seeds) for g in plans.values())
     bar = _progress_bar(n_runs * args.epochs) if not args.quiet else None
     log = not args.quiet and bar is None
-    runs: list[dict[str, Any]] = []
+    done = 0
+
+    def run(method: Method, point: Any, seed: int, folder: Path) -> dict[str, Any]:
+        nonlocal done
+        cfg = train.RunConfig(
+            dataset=args.dataset,
+            model=model,
+            method=point.method.name,
+            seed=seed,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=point.lr,
+            normalise_head=point.normalise_head,
+            gain=point.gain,
+            gain_init=args.gain_init,
+            val_fraction=args.val_fraction,
+            train_size=args.train_size or 0,
+            depth=args.depth if deep else 0,
+            width=(args.width or 0) if deep else 0,
+            activation=args.activation if deep else "",
+        )
+        on_epoch = None
+        if bar is not None:
+            bar.set_description_str(
+                f"run {done + 1}/{n_runs} {point.method.name} seed {seed}", refresh=False
+            )
+            on_epoch = _advance(bar, done * args.epochs)
+        result = train.train_run(
+            cfg,
+            data,
+            folder / f"seed{seed}.pt",
+            device=device,
+            resume=args.resume,
+            on_epoch=on_epoch,
+        )
+        done += 1
+        if log:
+            print(
+                f"{point.method.name} seed {seed}: val acc {100 * result['val_acc']:.1f}%, "
+                f"test acc {100 * result['test_acc']:.1f}%, "
+                f"train loss {result['train_loss']:.3f}, "
+                f"orth. error {result['ortho_error']:.3f}, "
+                f"{result['sec_per_epoch']:.3f} s/epoch",
+                file=sys.stderr,
+                flush=True,
+            )
+        return result
+
+    per_method: dict[str, dict[str, Any]] = {}
     try:
         for method in methods:
-            for seed in range(args.seeds):
-                cfg = train.RunConfig(
-                    dataset=args.dataset,
-                    model=model,
-                    method=method.name,
-                    seed=seed,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
-                    normalise_head=args.normalise_head,
-                    gain=args.gain,
-                    gain_init=args.gain_init,
-                )
-                on_epoch = None
-                if bar is not None:
-                    bar.set_description_str(
-                        f"run {len(runs) + 1}/{n_runs} {method.name} seed {seed}", refresh=False
-                    )
-                    on_epoch = _advance(bar, len(runs) * args.epochs)
-                ckpt = out / "runs" / _safe(method.name) / f"seed{seed}.pt"
-                result = train.train_run(
-                    cfg, data, ckpt, device=device, resume=args.resume, on_epoch=on_epoch
-                )
-                runs.append(result)
-                if log:
-                    print(
-                        f"{method.name} seed {seed}: test acc {100 * result['test_acc']:.1f}%, "
-                        f"train loss {result['train_loss']:.3f}, "
-                        f"orth. error {result['ortho_error']:.3f}, "
-                        f"{result['sec_per_epoch']:.3f} s/epoch",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            base = out / "runs" / _safe(method.name)
+            points = plans[method.name]
+            tried: list[dict[str, Any]] = []
+            if args.tune:
+                for point in points:
+                    rs = [run(method, point, s, base / _safe(point.key())) for s in tune_seeds]
+                    tried.append({"point": point, "val_accs": [r["val_acc"] for r in rs]})
+                chosen = points[select([t["val_accs"] for t in tried])]
+                folder = base / _safe(chosen.key())
+            else:
+                chosen, folder = points[0], base
+            runs = [run(method, chosen, s, folder) for s in eval_seeds]
+            if not args.tune:
+                tried = [{"point": chosen, "val_accs": [r["val_acc"] for r in runs]}]
+            per_method[method.name] = {
+                "method": method,
+                "chosen": chosen,
+                "tried": tried,
+                "runs": runs,
+            }
     finally:
         if bar is not None:
             bar.close()
-    rows = write_results(out, config, runs)
-    write_plots(out, config, runs)
+    payload = _payload(args, config, methods, per_method, sizes, device, commit(), machine)
+    rows = write_results(out, payload)
+    flat = [r for m in payload["methods"].values() for r in m["runs"]]
+    write_plots(out, config, flat)
+    what = (
+        f"tuned on validation over seeds {tune_seeds[0]}..{tune_seeds[-1]}, " if args.tune else ""
+    )
     print(
-        f"{args.dataset} / {model}, {args.epochs} epochs, {args.seeds} seed(s); {scale.describe()}"
+        f"{args.dataset} / {model}, {args.epochs} epochs, {args.seeds} seed(s); {what}"
+        f"split train {sizes['train']} / val {sizes['val']} / test {sizes['test']}; "
+        f"{config['scale']}"
     )
     print(text_table(rows))
+    for line in comparison_lines(payload["comparisons"], args.seeds, len(methods)):
+        print(line)
     print(
         f"results: {out / 'results.md'} (also results.json, results.csv, accuracy.png, spectra.png)"
     )
     return 0
+
+
+def _fixed_point(method: Method, args: argparse.Namespace) -> Any:
+    """The one configuration of a run without ``--tune``: the options as given."""
+    from .protocol import GridPoint
+
+    return GridPoint(method, args.lr, args.normalise_head, args.gain)
+
+
+def _payload(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    methods: list[Method],
+    per_method: dict[str, dict[str, Any]],
+    sizes: dict[str, int],
+    device: torch.device,
+    commit: str,
+    machine: Callable[[torch.device, int], dict[str, Any]],
+) -> dict[str, Any]:
+    """``results.json``: provenance, split, each method's selection and runs, the comparisons."""
+    import statistics as st
+
+    from . import stats
+    from .protocol import pairs, references
+
+    out_methods: dict[str, Any] = {}
+    sel_val: dict[str, float] = {}
+    for name, pm in per_method.items():
+        runs = []
+        for r in pm["runs"]:
+            r = dict(r)
+            r["method"] = name  # the method as asked for; r["config"] holds the concrete one
+            r["label"] = pm["chosen"].method.label
+            runs.append(r)
+        grid_rows = [
+            {
+                **t["point"].describe(),
+                "val_acc": st.fmean(t["val_accs"]),
+                "val_accs": t["val_accs"],
+            }
+            for t in pm["tried"]
+        ]
+        chosen = pm["chosen"].describe()
+        sel_val[name] = next(
+            g["val_acc"]
+            for g in grid_rows
+            if g["method"] == chosen["method"]
+            and g["lr"] == chosen["lr"]
+            and g["normalise_head"] == chosen["normalise_head"]
+            and g["gain"] == chosen["gain"]
+        )
+        accs = [r["test_acc"] for r in runs]
+        out_methods[name] = {
+            "label": pm["chosen"].method.label,
+            "selected": {**chosen, "gain_init": args.gain_init, "val_acc": sel_val[name]},
+            "grid": grid_rows,
+            "runs": runs,
+            "test_acc_mean": st.fmean(accs),
+            "test_acc_ci95": list(stats.bca_interval(accs)),
+        }
+    refs = references(methods, sel_val)
+    names = [m.name for m in methods]
+    comparisons = stats.compare(
+        {n: [r["test_acc"] for r in out_methods[n]["runs"]] for n in names}, pairs(names, refs)
+    )
+    return {
+        "commit": commit,
+        "machine": machine(device, args.threads),
+        "split": sizes,
+        "units": "accuracies are fractions in [0, 1]",
+        "config": config,
+        "references": refs,
+        "methods": out_methods,
+        "comparisons": comparisons,
+    }
 
 
 def _progress_bar(total_epochs: int) -> Any:
@@ -534,13 +851,13 @@ def _progress_bar(total_epochs: int) -> Any:
     return tqdm(total=total_epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
-def _advance(bar: Any, done_before: int) -> Callable[[int, dict[str, float]], None]:
+def _advance(bar: Any, done_before: int) -> Callable[[int, dict[str, Any]], None]:
     """The ``on_epoch`` callback of one run: move ``bar`` to its epoch, show loss and accuracy."""
 
-    def on_epoch(epoch: int, record: dict[str, float]) -> None:
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
         bar.set_postfix(
             loss=f"{record['train_loss']:.3f}",
-            acc=f"{100 * record['test_acc']:.1f}%",
+            val=f"{100 * record['val_acc']:.1f}%",
             refresh=False,
         )
         bar.update(done_before + epoch - bar.n)

@@ -17,6 +17,12 @@
 
 No code path downloads anything. A missing or malformed folder raises
 :class:`DataError` with a one-line message.
+
+The protocol's splits: :func:`subsample` keeps a fixed subset of the
+training set (``--train-size``, the same for every seed), and
+:func:`split_validation` carves a validation set out of the training set,
+fixed per seed (every method of a seed sees the same split). The test set
+is never split.
 """
 
 from __future__ import annotations
@@ -37,15 +43,30 @@ from .models import DATASET_SHAPES
 
 __all__ = [
     "DATASETS",
+    "TRAIN_SIZES",
     "DataError",
     "Dataset",
+    "Split",
     "check_dataset_args",
     "load_dataset",
     "read_cifar10",
     "read_idx",
+    "split_validation",
+    "subsample",
+    "val_size",
 ]
 
 DATASETS = tuple(DATASET_SHAPES)
+
+TRAIN_SIZES = {"mnist1d": 4000, "digits": 1437, "mnist": 60000, "cifar10": 50000}
+"""The training-set sizes of the standard data sets, to check ``--train-size`` before loading."""
+
+SPLIT_SEED_OFFSET = 1_000_003
+"""The validation split of seed ``s`` comes from ``torch.Generator().manual_seed(OFFSET + s)``,
+a stream apart from the seed's initialisation and batch order."""
+
+SUBSAMPLE_SEED = 0
+"""``--train-size`` keeps the first ``n`` of one fixed permutation (this seed) of the training set."""
 
 
 class DataError(Exception):
@@ -66,6 +87,71 @@ class Dataset(NamedTuple):
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example, e.g. ``(40,)`` or ``(3, 32, 32)``."""
         return tuple(self.x_train.shape[1:])
+
+
+class Split(NamedTuple):
+    """One seed's training, validation and test tensors (the test set is the data set's)."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    n_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return tuple(self.x_train.shape[1:])
+
+    def sizes(self) -> dict[str, int]:
+        """``{"train": n, "val": n, "test": n}``."""
+        return {
+            "train": int(self.x_train.shape[0]),
+            "val": int(self.x_val.shape[0]),
+            "test": int(self.x_test.shape[0]),
+        }
+
+
+def val_size(n_train: int, fraction: float) -> int:
+    """The number of validation examples carved from ``n_train``: ``round(fraction * n)``,
+    at least 1 and leaving at least 1 for training."""
+    if n_train < 2:
+        raise DataError(f"a validation split needs at least 2 training examples, got {n_train}")
+    return min(max(1, round(fraction * n_train)), n_train - 1)
+
+
+def subsample(data: Dataset, n: int | None) -> Dataset:
+    """``data`` with the first ``n`` of a fixed permutation of its training set (all if ``None``).
+
+    The subset is the same for every seed and every method; ``n`` larger than
+    the training set raises :class:`DataError` naming ``--train-size``.
+    """
+    total = int(data.x_train.shape[0])
+    if n is None or n == total:
+        return data
+    if n > total:
+        raise DataError(f"--train-size {n}: {data.name} has only {total} training examples")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(SUBSAMPLE_SEED))[:n]
+    return data._replace(x_train=data.x_train[perm], y_train=data.y_train[perm])
+
+
+def split_validation(data: Dataset, fraction: float, seed: int) -> Split:
+    """Carve ``val_size(n, fraction)`` validation examples out of the training set, fixed by ``seed``."""
+    n = int(data.x_train.shape[0])
+    k = val_size(n, fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED_OFFSET + seed))
+    val, train = perm[:k].sort().values, perm[k:].sort().values
+    return Split(
+        data.x_train[train],
+        data.y_train[train],
+        data.x_train[val],
+        data.y_train[val],
+        data.x_test,
+        data.y_test,
+        data.n_classes,
+    )
 
 
 # --------------------------------------------------------------------------- MNIST-1D

@@ -11,6 +11,14 @@
   BatchNorm (no running statistics, so the functional training stays pure),
   global average pooling and the classifier.
 
+- ``deep-mlp``: a deep plain MLP, ``--depth`` weight layers (the classifier
+  included) of ``--width`` units (default 100) with ``--activation`` (tanh or
+  relu), no skip connections and no normalisation layers.
+- ``deep-cnn``: a deep plain CNN, ``--depth - 1`` 3x3 convolutions of
+  ``--width`` channels (default 16; 1-D for MNIST-1D, 2-D for images; stride 2
+  at the first and the middle one), ``--activation``, no skips and no
+  normalisation, then global average pooling and the classifier.
+
 No model has BatchNorm: batch statistics would be mutable state outside the
 functional parameters.
 """
@@ -20,9 +28,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DATASET_SHAPES", "HEAD_WEIGHT", "MODELS", "build_model", "default_model"]
+__all__ = [
+    "ACTIVATIONS",
+    "DATASET_SHAPES",
+    "DEEP_MODELS",
+    "HEAD_WEIGHT",
+    "MODELS",
+    "build_model",
+    "default_model",
+    "default_width",
+]
 
-MODELS = ("mlp", "cnn", "resnet")
+MODELS = ("mlp", "cnn", "resnet", "deep-mlp", "deep-cnn")
+
+DEEP_MODELS = ("deep-mlp", "deep-cnn")
+"""The models that take ``--depth``, ``--width`` and ``--activation``."""
+
+ACTIVATIONS = ("tanh", "relu")
 
 HEAD_WEIGHT = "head.weight"
 """The classifier's weight in every model: what ``--no-normalise-head`` leaves out."""
@@ -128,18 +150,107 @@ class ResNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+    return nn.Tanh() if name == "tanh" else nn.ReLU()
+
+
+class DeepMLP(nn.Module):
+    """``depth - 1`` hidden layers of ``width`` units and the classifier; no skips, no norms."""
+
+    def __init__(
+        self, in_features: int, n_classes: int, *, depth: int, width: int, activation: str
+    ) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"--depth {depth}: a deep model needs at least 2 layers")
+        layers: list[nn.Module] = []
+        n = in_features
+        for _ in range(depth - 1):
+            layers += [nn.Linear(n, width), _activation(activation)]
+            n = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(n, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x.flatten(1)))
+
+
+class DeepCNN(nn.Module):
+    """``depth - 1`` 3x3 convolutions (stride 2 at the first and the middle), pool, classifier."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        n_classes: int,
+        *,
+        depth: int,
+        width: int,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"--depth {depth}: a deep model needs at least 2 layers")
+        self.one_d = len(in_shape) == 1
+        conv = nn.Conv1d if self.one_d else nn.Conv2d
+        c = 1 if self.one_d else in_shape[0]
+        n_conv = depth - 1
+        layers: list[nn.Module] = []
+        for i in range(n_conv):
+            stride = 2 if i in (0, n_conv // 2) else 1
+            layers += [conv(c, width, 3, stride=stride, padding=1), _activation(activation)]
+            c = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.one_d:
+            x = x.reshape(x.shape[0], 1, x.shape[-1])
+        h = self.body(x)
+        return self.head(h.flatten(2).mean(dim=2))
+
+
+def default_width(model: str) -> int:
+    """``--width``'s default: 100 units for ``deep-mlp``, 16 channels for ``deep-cnn``."""
+    return 16 if model == "deep-cnn" else 100
+
+
 def default_model(dataset: str) -> str:
     """The model ``--model`` defaults to for ``dataset``."""
     return {"mnist1d": "mlp", "digits": "mlp", "mnist": "cnn", "cifar10": "resnet"}[dataset]
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], n_classes: int, *, dataset: str | None = None
+    name: str,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    dataset: str | None = None,
+    depth: int = 20,
+    width: int | None = None,
+    activation: str = "relu",
 ) -> nn.Module:
     """Build model ``name`` for examples of ``input_shape``; raises ``ValueError`` if it does not fit.
 
-    ``dataset`` (the data set's name) only makes the error message name it.
+    ``dataset`` (the data set's name) only makes the error message name it;
+    ``depth``, ``width`` and ``activation`` are the deep models' options.
     """
+    if name == "deep-mlp":
+        n = 1
+        for d in input_shape:
+            n *= d
+        return DeepMLP(
+            n, n_classes, depth=depth, width=width or default_width(name), activation=activation
+        )
+    if name == "deep-cnn" and len(input_shape) in (1, 3):
+        return DeepCNN(
+            input_shape,
+            n_classes,
+            depth=depth,
+            width=width or default_width(name),
+            activation=activation,
+        )
     if name == "mlp":
         n = 1
         for d in input_shape:
