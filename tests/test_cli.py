@@ -8,16 +8,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import aon_func
 from aon_func._cli import main
 from aon_func._experiments.methods import parse_method, parse_methods
+from aon_func._experiments.stats import SMOKE_TEST
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "2"]
+
+
+def all_runs(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every reported run of a ``results.json``, method by method."""
+    return [r for m in res["methods"].values() for r in m["runs"]]
 
 
 # --------------------------------------------------------------------------- argument errors
@@ -188,11 +195,11 @@ def test_compare_writes_every_output(quick: tuple[Path, str, str]) -> None:
     res = json.loads((out / "results.json").read_text())
     methods = ALL.split(",")
     assert [r["method"] for r in res["summary"]] == ["soft" if m == "soft" else m for m in methods]
-    assert len(res["runs"]) == 2 * len(methods)
+    assert len(all_runs(res)) == 2 * len(methods)
     assert res["config"]["gain"] == "learnable"
     assert "learnable scalar gain" in res["config"]["scale"]
     csv = (out / "results.csv").read_text().splitlines()
-    assert csv[0].startswith("method,label,seeds,test_acc_mean,test_acc_std")
+    assert csv[0].startswith("method,label,seeds,test_acc_mean,test_acc_std,test_acc_ci95_lo")
     assert len(csv) == 1 + len(methods)
     md = (out / "results.md").read_text()
     assert "| aon-2 | AON K=2 |" in md
@@ -201,13 +208,13 @@ def test_compare_writes_every_output(quick: tuple[Path, str, str]) -> None:
         assert any(line.startswith(m + " ") for line in stdout.splitlines()), m
     assert "results.md" in stdout
     # not on a terminal: one line per finished run, no progress bar
-    assert stderr.count("seed 1: test acc") == len(methods)
+    assert stderr.count("seed 1: val acc") == len(methods)
     assert "\r" not in stderr
 
 
 def test_compare_results_make_sense(quick: tuple[Path, str, str]) -> None:
     res = json.loads((quick[0] / "results.json").read_text())
-    runs = {(r["method"], r["seed"]): r for r in res["runs"]}
+    runs = {(r["method"], r["seed"]): r for r in all_runs(res)}
     assert runs[("polar", 0)]["ortho_error"] < 1e-4
     # one power-iteration step per training step: the estimate of s_max lags a little
     assert max(runs[("sn", 0)]["spectrum"]) == pytest.approx(1.0, abs=0.2)
@@ -215,8 +222,9 @@ def test_compare_results_make_sense(quick: tuple[Path, str, str]) -> None:
     assert runs[("aon-2", 0)]["ortho_error"] < runs[("sn", 0)]["ortho_error"]
     assert set(runs[("aon-2", 0)]["gains"]) == {"fc1.weight", "fc2.weight"}
     assert runs[("plain", 0)]["gains"] == {}
-    for r in res["runs"]:
+    for r in all_runs(res):
         assert 0.0 <= r["test_acc"] <= 1.0
+        assert 0.0 <= r["val_acc"] <= 1.0
         assert len(r["history"]) == 2
         assert r["sec_per_epoch"] > 0
     # same init and data order: seed 0 and seed 1 differ, methods share the seed's init
@@ -262,7 +270,8 @@ def test_resume_of_finished_runs_reproduces_results(
     assert rc == 0
     old = json.loads((quick[0] / "results.json").read_text())
     new = json.loads((out / "results.json").read_text())
-    assert new["runs"] == old["runs"]
+    assert new["methods"] == old["methods"]
+    assert new["comparisons"] == old["comparisons"]
 
 
 def test_resume_refuses_another_configuration(
@@ -310,6 +319,10 @@ def test_quiet_is_silent_even_on_a_terminal(
         "test",
         "acc",
         "(%)",
+        "95%",
+        "CI",
+        "val",
+        "acc",
         "train",
         "loss",
         "orth.",
@@ -318,8 +331,9 @@ def test_quiet_is_silent_even_on_a_terminal(
         "what",
     ]
     assert lines[3].startswith("aon-2 ")
+    assert lines[4] == f"verdict: {SMOKE_TEST} (2 seed(s); 5 or more give one)"
     assert lines[-1].startswith("results: ")
-    assert len(lines) == 5
+    assert len(lines) == 6
 
 
 def _on_a_terminal(argv: list[str], columns: int) -> tuple[int, str]:
@@ -364,7 +378,7 @@ def test_one_progress_bar_over_all_runs_on_a_terminal(tmp_path: Path) -> None:
     for run in ("run 1/4 plain seed 0", "run 4/4 sn seed 1"):
         assert run in err
     assert "8/8" in err
-    assert re.search(r"acc=\d+\.\d%", err), err  # accuracy in %, as in the table
+    assert re.search(r"val=\d+\.\d%", err), err  # validation accuracy in %, as in the table
     assert err.count("\n") == 1  # the one bar, left on screen when done
     assert "test acc" not in err  # no per-run lines besides the bar
 
@@ -377,7 +391,7 @@ def test_a_zero_column_terminal_gets_lines_not_a_bar(tmp_path: Path) -> None:
     lines = err.splitlines()
     assert all(line.strip() for line in lines), err  # no blank lines
     assert len(lines) == 4
-    assert lines[0].startswith("plain seed 0: test acc ")
+    assert lines[0].startswith("plain seed 0: val acc ")
 
 
 def test_console_script_and_module(tmp_path: Path) -> None:

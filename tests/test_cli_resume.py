@@ -53,9 +53,13 @@ def _strip_timing(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _runs(folder: Path) -> list[dict[str, Any]]:
+    res = json.loads((folder / "results.json").read_text())
+    return [r for m in res["methods"].values() for r in m["runs"]]
+
+
 def _assert_same_run(a: Path, b: Path) -> None:
-    ra = json.loads((a / "results.json").read_text())["runs"]
-    rb = json.loads((b / "results.json").read_text())["runs"]
+    ra, rb = _runs(a), _runs(b)
     assert _strip_timing(ra) == _strip_timing(rb)
     for rel in CKPTS:
         ca, cb = load_checkpoint(a / rel), load_checkpoint(b / rel)
@@ -237,8 +241,8 @@ def test_extend_trains_on_and_keeps_the_earlier_results(
         assert (out / "epochs-2" / name).read_bytes() == before[Path(name)], name
     assert json.loads((out / "epochs-2" / "config.json").read_text())["epochs"] == 2
     # the run went on from its checkpoint: the same first two epochs, one more
-    old = json.loads(before[Path("results.json")])["runs"][0]["history"]
-    new = json.loads((out / "results.json").read_text())["runs"][0]["history"]
+    old = json.loads(before[Path("results.json")])["methods"]["aon-2"]["runs"][0]["history"]
+    new = _runs(out)[0]["history"]
     assert [h["epoch"] for h in new] == [1, 2, 3]
     assert _strip_timing([{"history": new[:2]}]) == _strip_timing([{"history": old}])
     assert json.loads((out / "config.json").read_text())["epochs"] == 3

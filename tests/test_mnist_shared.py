@@ -47,3 +47,34 @@ def test_the_copy_is_the_documented_one(mnist_dir: Path) -> None:
     assert len(sums) == 4
     for name, digest in sums.items():
         assert hashlib.sha256((mnist_dir / name).read_bytes()).hexdigest() == digest
+
+
+def test_a_subsample_of_mnist_trains_with_its_split(mnist_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("numpy", reason="the experiments extra (numpy) is not installed")
+    import json
+
+    from aon_func._cli import main
+
+    argv = [
+        "train",
+        "--method",
+        "plain",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(mnist_dir),
+        "--model",
+        "mlp",
+        "--train-size",
+        "1000",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--quiet",
+    ]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["split"] == {"train": 900, "val": 100, "test": 10_000}
+    run = res["methods"]["plain"]["runs"][0]
+    assert run["test_acc"] > 0.5  # 9 batches of real digits already beat chance (0.1) by far
