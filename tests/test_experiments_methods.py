@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("numpy", reason="the experiments extra (numpy) is not installed")
 
-import aon_func  # noqa: E402
-from aon_func._cli import main  # noqa: E402
-from aon_func._experiments.methods import (  # noqa: E402
+import aon_func
+from aon_func._cli import main
+from aon_func._experiments.methods import (
     frobenius_aon,
     parse_method,
     torch_orthogonal,
@@ -33,9 +33,12 @@ def _run(tmp_path: Path, *argv: str) -> dict[str, Any]:
 def test_names_of_the_new_methods() -> None:
     assert parse_method("orth").name == "orth-cayley"
     assert parse_method("orth-exp").variant == "exp"
-    assert parse_method("aon-fro-4").order == 4 and parse_method("aon-fro").tunable
-    assert parse_method("wd").lam == pytest.approx(0.01) and parse_method("wd").kind == "control"
-    assert parse_method("wd:0.1").name == "wd:0.1" and not parse_method("wd:0.1").tunable
+    assert parse_method("aon-fro-4").order == 4
+    assert parse_method("aon-fro").tunable
+    assert parse_method("wd").lam == pytest.approx(0.01)
+    assert parse_method("wd").kind == "control"
+    assert parse_method("wd:0.1").name == "wd:0.1"
+    assert not parse_method("wd:0.1").tunable
     assert parse_method("es").family == "es"
     with pytest.raises(ValueError, match="did you mean 'orth'"):
         parse_method("ort")
@@ -80,7 +83,8 @@ def test_every_new_method_trains_one_tiny_run(tmp_path: Path) -> None:
     assert set(runs["orth-cayley"]["gains"]) == {"fc1.weight", "fc2.weight"}
     # Newton-Schulz (Muon's quintic): most singular values near 1, not exactly
     ns = sorted(runs["ns"]["spectrum"])
-    assert 0.7 < ns[len(ns) // 2] and ns[-1] < 1.3
+    assert ns[len(ns) // 2] > 0.7
+    assert ns[-1] < 1.3
     for r in runs.values():
         assert 0.0 <= r["test_acc"] <= 1.0
 
@@ -167,7 +171,8 @@ def test_deep_plain_networks_record_per_layer_condition_and_gradient(
     ]
     res = _run(tmp_path, *argv)
     run = res["methods"]["aon-1"]["runs"][0]
-    assert res["config"]["depth"] == 5 and res["config"]["activation"] == "tanh"
+    assert res["config"]["depth"] == 5
+    assert res["config"]["activation"] == "tanh"
     for h in run["history"]:
         assert sorted(h["cond"]) == sorted(layers) == sorted(h["grad_norm"])
         assert all(c is None or c >= 1.0 for c in h["cond"].values())

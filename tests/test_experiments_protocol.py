@@ -14,16 +14,16 @@ import torch
 
 pytest.importorskip("numpy", reason="the experiments extra (numpy) is not installed")
 
-from aon_func._cli import main  # noqa: E402
-from aon_func._experiments import protocol, stats  # noqa: E402
-from aon_func._experiments.data import (  # noqa: E402
+from aon_func._cli import main
+from aon_func._experiments import protocol, stats
+from aon_func._experiments.data import (
     DataError,
     Dataset,
     split_validation,
     subsample,
     val_size,
 )
-from aon_func._experiments.methods import parse_method, parse_methods  # noqa: E402
+from aon_func._experiments.methods import parse_method, parse_methods
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--quiet"]
 
@@ -42,7 +42,8 @@ def test_the_validation_split_is_carved_from_train_and_fixed_per_seed() -> None:
     assert a.sizes() == {"train": 40, "val": 10, "test": 7}
     seen = sorted(torch.cat([a.x_train, a.x_val]).flatten().tolist())
     assert seen == list(range(50))  # disjoint, and nothing lost
-    assert torch.equal(a.x_val, a2.x_val) and torch.equal(a.x_train, a2.x_train)
+    assert torch.equal(a.x_val, a2.x_val)
+    assert torch.equal(a.x_train, a2.x_train)
     assert not torch.equal(a.x_val, b.x_val)  # another seed, another split
     assert torch.equal(a.x_test, data.x_test)  # the test set is never split
     assert val_size(50, 0.001) == 1
@@ -235,7 +236,8 @@ def test_tune_selects_on_validation_and_reports_other_seeds(tuned: dict[str, Any
     assert tuned["config"]["eval_seeds"] == [2, 3]
     assert tuned["split"] == {"train": 540, "val": 60, "test": 360}
     aon = tuned["methods"]["aon"]
-    assert len(aon["grid"]) == 4 and len(tuned["methods"]["plain"]["grid"]) == 2
+    assert len(aon["grid"]) == 4
+    assert len(tuned["methods"]["plain"]["grid"]) == 2
     best = max(aon["grid"], key=lambda g: g["val_acc"])
     sel = aon["selected"]
     assert (sel["method"], sel["lr"]) == (best["method"], best["lr"])
@@ -245,14 +247,16 @@ def test_tune_selects_on_validation_and_reports_other_seeds(tuned: dict[str, Any
         assert g["val_acc"] == pytest.approx(sum(g["val_accs"]) / 2)
     for r in aon["runs"]:
         assert r["seed"] in (2, 3)
-        assert r["config"]["method"] == sel["method"] and r["config"]["lr"] == sel["lr"]
+        assert r["config"]["method"] == sel["method"]
+        assert r["config"]["lr"] == sel["lr"]
         assert r["method"] == "aon"
 
 
 def test_results_json_schema(tuned: dict[str, Any]) -> None:
     for key in ("commit", "machine", "split", "config", "methods", "comparisons", "summary"):
         assert key in tuned, key
-    assert tuned["machine"]["cpu_count"] >= 1 and tuned["machine"]["torch"] == torch.__version__
+    assert tuned["machine"]["cpu_count"] >= 1
+    assert tuned["machine"]["torch"] == torch.__version__
     for m in tuned["methods"].values():
         assert set(m) >= {"selected", "grid", "runs", "test_acc_mean", "test_acc_ci95"}
         lo, hi = m["test_acc_ci95"]
@@ -284,7 +288,8 @@ def test_results_json_schema(tuned: dict[str, Any]) -> None:
         assert c["p_holm"] >= c["p"]
         assert c["significant"] is None  # 2 seeds: no verdict
     md = (tuned["_out"] / "results.md").read_text()
-    assert "## Comparisons" in md and stats.SMOKE_TEST in md
+    assert "## Comparisons" in md
+    assert stats.SMOKE_TEST in md
     assert "| aon | soft |" in md
 
 

@@ -373,7 +373,7 @@ def torch_orthogonal(variant: str) -> Callable[[Tensor], Tensor]:
         if key not in cache:
             holder = nn.Linear(key[1], key[0], bias=False)
             parametrizations.orthogonal(holder, orthogonal_map=orth_map, use_trivialization=False)
-            cache[key] = holder.parametrizations.weight[0]  # type: ignore[index,union-attr]
+            cache[key] = holder.parametrizations.weight[0]  # type: ignore[index,union-attr,assignment]
         out: Tensor = cache[key](x)
         return out
 

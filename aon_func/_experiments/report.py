@@ -106,7 +106,12 @@ def comparison_lines(
     from . import stats
 
     lines = []
-    if comparisons:
+    if comparisons and seeds < stats.MIN_SEEDS_FOR_VERDICT:
+        lines.append(
+            f"comparisons: {len(comparisons)} paired differences with BCa 95% intervals in "
+            "results.md and results.json"
+        )
+    elif comparisons:
         lines.append(
             "comparisons of test accuracy (paired by seed; BCa 95% CI, "
             f"{stats.EXACT_UP_TO}-seed-exact sign-flip test, Holm across {len(comparisons)}):"
@@ -198,7 +203,14 @@ def write_results(out: Path, payload: dict[str, Any]) -> list[dict[str, Any]]:
     config = payload["config"]
     comps = payload["comparisons"]
     lines = comparison_lines(comps, config["seeds"], len(rows))
-    sentences = "\n".join(f"- {ln.strip()}" for ln in lines if not ln.startswith("comparisons"))
+    from . import stats as _stats
+
+    said = (
+        [_stats.verdict(c) for c in comps]
+        if config["seeds"] >= _stats.MIN_SEEDS_FOR_VERDICT
+        else []
+    )
+    sentences = "\n".join(f"- {ln}" for ln in [*said, lines[-1]])
     refs = ", ".join(payload["references"]) or "none"
     md = (
         f"# aon-func {config['command']}\n\n{_header(payload)}\n{markdown_table(rows)}\n\n"
