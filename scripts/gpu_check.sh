@@ -45,7 +45,7 @@ part() {
 }
 
 say "GPU check in $ROOT, output in $OUTDIR, budget ${BUDGET} s"
-part env 20 bash -c "nvidia-smi || true; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'"
+part env 15 bash -c "nvidia-smi || true; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'"
 
 if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     say "CUDA is not available (torch.cuda.is_available() is False): skipping the CUDA tests,"
@@ -61,24 +61,26 @@ fi
 
 BENCH=(aon-func bench --device cuda --budget 4 --repeats 5 --warmup 2)
 # Eager engine, float32 (no TF32): the GPU-engine issue's table, counts, memory.
-part bench-eager 120 "${BENCH[@]}" --models mlp,resnet18,resnet50,vit_s16,llama1b \
+part bench-eager 110 "${BENCH[@]}" --models mlp,resnet18,resnet50,vit_s16,llama1b \
     --sections calls,apply,memory --steps none --no-compile --json docs/bench-cuda.json
 # The CUDA tests (kernel, engine, transforms, adapters, penalties), compile tests apart.
-part tests-cuda 90 "$PY" -m pytest -q -p no:cacheprovider -k "cuda and not compile" tests/
+part tests-cuda 80 "$PY" -m pytest -q -p no:cacheprovider -k "cuda and not compile" tests/
 # Compiled apply, TF32: default and reduce-overhead, with compile times.
-part bench-tf32 110 "${BENCH[@]}" --tf32 --models resnet50,gpt2 --sections apply --steps none \
+part bench-tf32 100 "${BENCH[@]}" --tf32 --models resnet50,gpt2 --sections apply --steps none \
     --compile resnet50,gpt2 --json docs/bench-cuda-tf32.json
 # The ResNet-18 training step, TF32, eager and compiled.
-part bench-steps 80 "${BENCH[@]}" --tf32 --models none --sections step --steps resnet18 \
+part bench-steps 70 "${BENCH[@]}" --tf32 --models none --sections step --steps resnet18 \
     --compile-steps --json docs/bench-cuda-steps.json
 # bf16 products, compiled apply on the GPT-2 shapes.
-part bench-bf16 50 "${BENCH[@]}" --dtype bfloat16 --models gpt2 --sections apply --steps none \
+part bench-bf16 40 "${BENCH[@]}" --dtype bfloat16 --models gpt2 --sections apply --steps none \
     --compile gpt2 --json docs/bench-cuda-bf16.json
 # The compile and precision tests on CUDA (Inductor, CUDA graphs, TF32).
-part tests-compile 60 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
+part tests-compile 50 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_compile.py tests/test_kernel_precision.py
+# Accuracy of the product precisions on CUDA (float32, bf16, TF32).
+part precision 25 "$PY" scripts/precision_accuracy.py --device cuda
 if [ -f ../shared/tools/aten_ops.py ]; then
-    part aten-ops 25 bash -c "$PY ../shared/tools/aten_ops.py --device meta; $PY ../shared/tools/aten_ops.py --device cuda"
+    part aten-ops 20 bash -c "$PY ../shared/tools/aten_ops.py --device meta; $PY ../shared/tools/aten_ops.py --device cuda"
 else
     say "[aten-ops] skipped: ../shared/tools/aten_ops.py is not present"
 fi

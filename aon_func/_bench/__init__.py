@@ -315,7 +315,12 @@ def run_bench(
                 log(_step_lines(r))
         res["targets"] = _targets(res, cfg)
         if res["targets"]:
-            log("\ntargets (ResNet-18 shapes, CPU, float32, K = 2):")
+            note = next(iter(res["targets"].values())).get("note")
+            log(
+                "\ntargets (ResNet-18 shapes, CPU, float32, K = 2)"
+                + (f" [{note}]" if note else "")
+                + ":"
+            )
             for key, v in res["targets"].items():
                 log(
                     f"  {key:<24} {v['value']:>6.2f}  target <= {v['target']:<5} {'met' if v['met'] else 'MISSED'}"
@@ -441,7 +446,11 @@ def _targets(res: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
             "target": TARGETS["memory_over_params"],
             "met": v <= TARGETS["memory_over_params"],
         }
-    if out and cfg.order != 2:
-        for v in out.values():
-            v["note"] = f"measured at K = {cfg.order}; the targets are for K = 2"
+    notes = []
+    if cfg.order != 2:
+        notes.append(f"measured at K = {cfg.order}; the targets are for K = 2")
+    if cfg.matmul_dtype is not None:
+        notes.append(f"measured with {cfg.matmul_dtype} products; the targets are for float32")
+    for v in out.values() if notes else ():
+        v["note"] = "; ".join(notes)
     return out
