@@ -192,3 +192,48 @@ def test_deep_models_are_plain() -> None:
         assert net(torch.randn(2, *shape)).shape == (2, 10)
     with pytest.raises(ValueError, match="--depth 1"):
         build_model("deep-mlp", (40,), 10, depth=1)
+
+
+# --------------------------------------------------------------------------- approx
+
+
+def test_approximation_errors_against_the_closed_form() -> None:
+    from aon_func._experiments.approx import approximation_errors
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64, generator=g))
+    s = torch.tensor([2.0, 1.0, 0.2], dtype=torch.float64)
+    w = (u * s) @ v.T  # 5 x 8 with singular values 2, 1, 0.2 and two zeros: use its 3 x 8 rows
+    w = u.T @ w  # 3 x 8, singular values exactly 2, 1, 0.2
+    sv = torch.linalg.svdvals(w)
+    assert torch.allclose(sv, s)
+    res = approximation_errors(w, orders=[0, 1, 4])
+    assert res["kappa"] == pytest.approx(float(sv[0] / sv[-1]))
+    for row in res["orders"]:
+        f = aon_func.singular_value_map(sv / sv[0], row["order"])
+        assert row["ortho_2"] == pytest.approx(float(1 - f.min() ** 2), abs=1e-8)
+        assert row["certified"] == pytest.approx(row["ortho_2"], abs=1e-8)
+        assert row["polar_2"] == pytest.approx(float(1 - f.min()), abs=1e-8)
+
+
+def test_approx_command_on_a_results_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path, "compare", *TINY, "--epochs", "1", "--methods", "plain,aon-2")
+    folder = tmp_path / "o"
+    capsys.readouterr()
+    assert (
+        main(["approx", str(folder), "--max-order", "3", "--json", str(tmp_path / "a.json")]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("aon-2 (trained as aon-2, seed 0), fc1.weight: condition number ")
+    rows = json.loads((tmp_path / "a.json").read_text())
+    assert [r["layer"] for r in rows] == ["fc1.weight", "fc2.weight"]
+    assert [o["order"] for o in rows[0]["orders"]] == [0, 1, 2, 3]
+    errs = [o["ortho_2"] for o in rows[0]["orders"]]
+    assert errs == sorted(errs, reverse=True)  # a higher order is closer to orthonormal
+    assert main(["approx", str(folder), "--json", str(tmp_path / "a.json")]) == 2
+    assert "exists: give a new file" in capsys.readouterr().err
+    assert main(["approx", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err

@@ -393,6 +393,50 @@ def register(sub: Any) -> None:
     _common(train)
     train.set_defaults(func=_run_train, command="train")
 
+    approx = sub.add_parser(
+        "approx",
+        help="AON's actual and certified errors against K on a results folder's trained layers",
+        description=(
+            "For the first reported run of each AON method (aon, aon-K) in a compare/train "
+            "results folder: ||h h^T - I||_2, ||h - U V^T||_2 and aon_func.certified_error "
+            "for each order K, on the trained raw weights of its normalised layers."
+        ),
+    )
+    approx.add_argument("folder", type=Path, metavar="DIR", help="a compare or train --out folder")
+    approx.add_argument(
+        "--max-order", type=int, default=16, metavar="K", help="orders 0..K (default: 16)"
+    )
+    approx.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the numbers to FILE (a new file)"
+    )
+    approx.set_defaults(func=_run_approx, command="approx")
+
+
+def _run_approx(args: argparse.Namespace) -> int:
+    missing = missing_extra()
+    if missing:
+        _err(
+            f"approx needs the {EXTRA} extra ({', '.join(missing)} not installed): "
+            f'pip install "aon-func[{EXTRA}]"'
+        )
+        return 1
+    if not (args.folder / "results.json").is_file():
+        _err(f"{args.folder}: no results.json (give the --out folder of compare or train)")
+        return 2
+    if args.max_order < 0:
+        _err(f"--max-order {args.max_order}: expected an order >= 0")
+        return 2
+    if args.json is not None and args.json.exists():
+        _err(f"--json {args.json} exists: give a new file (results are never overwritten)")
+        return 2
+    from .approx import from_results, markdown
+
+    rows = from_results(args.folder, range(args.max_order + 1))
+    print(markdown(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0
+
 
 def _run_compare(args: argparse.Namespace) -> int:
     return _run(args, list(args.methods))
@@ -699,15 +743,17 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
                 f"run {done + 1}/{n_runs} {point.method.name} seed {seed}", refresh=False
             )
             on_epoch = _advance(bar, done * args.epochs)
+        ckpt = folder / f"seed{seed}.pt"
         result = train.train_run(
             cfg,
             data,
-            folder / f"seed{seed}.pt",
+            ckpt,
             device=device,
             resume=args.resume,
             on_epoch=on_epoch,
         )
         done += 1
+        result = {**result, "checkpoint": ckpt.relative_to(out).as_posix()}
         if log:
             print(
                 f"{point.method.name} seed {seed}: val acc {100 * result['val_acc']:.1f}%, "
