@@ -353,3 +353,27 @@ def test_the_compiled_code_path_equals_the_eager_one(order: int) -> None:
     torch.testing.assert_close(
         jvp, torch.func.jacrev(f)(w).flatten(2) @ d.flatten(), atol=1e-12, rtol=1e-10
     )
+
+
+def test_bf16_products_under_autocast_compile_once() -> None:
+    """``matmul_dtype=torch.bfloat16`` inside ``torch.autocast``: one graph, == eager."""
+    params = _params(torch.device("cpu"))
+    tr = AON(order=2, matmul_dtype=torch.bfloat16)
+    state = tr.init(params, generator=torch.Generator().manual_seed(9))
+
+    def f(p: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[Any, Any]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return tr.apply(p, s)
+
+    torch._dynamo.reset()
+    try:
+        graphs = _unique_graphs()
+        compiled, counter = _compile(f, "aot_eager", None)
+
+        def inputs(i: int) -> tuple[Any, ...]:
+            return {n: p * (1 + i) for n, p in params.items()}, state
+
+        _run_steps(f, compiled, inputs, 3, atol=1e-5, rtol=1e-4)
+        _assert_one_graph(counter, graphs)
+    finally:
+        torch._dynamo.reset()
