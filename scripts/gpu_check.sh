@@ -59,7 +59,8 @@ if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
     exit 0
 fi
 
-BENCH=(aon-func bench --device cuda --budget 4 --repeats 5 --warmup 2)
+# `python -m aon_func` runs from the checkout even where the package is not installed.
+BENCH=("$PY" -m aon_func bench --device cuda --budget 4 --repeats 5 --warmup 2)
 # Eager engine, float32 (no TF32): the GPU-engine issue's table, counts, memory.
 part bench-eager 110 "${BENCH[@]}" --models mlp,resnet18,resnet50,vit_s16,llama1b \
     --sections calls,apply,memory --steps none --no-compile --json docs/bench-cuda.json

@@ -348,7 +348,7 @@ def bench_neighbours(name: str, device: torch.device, cfg: BenchConfig) -> dict[
     include = frozenset(params)
     inputs = list(params.values())
     common: dict[str, Any] = {"include": include, "out_axes": out_axes}
-    aon_tr = AON(order=cfg.order, **common)
+    aon_tr = AON(order=cfg.order, matmul_dtype=cfg.matmul_dtype, **common)
     state = aon_tr.init(params, generator=torch.Generator(device=device).manual_seed(0))
     forwards: dict[str, tuple[Callable[[], Sequence[Tensor]], list[Tensor]]] = {
         f"AON K={cfg.order}": (_weights_of(aon_tr, params, state), inputs),
