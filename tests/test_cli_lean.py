@@ -159,11 +159,16 @@ def test_no_demo_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'demo'" in capsys.readouterr().err
 
 
-def test_experiments_use_only_the_public_api() -> None:
-    """Every ``aon_func`` import of the experiments names a public name (``aon_func.__all__``)."""
+@pytest.mark.parametrize("app", ["_experiments", "_bench"])
+def test_the_apps_use_only_the_public_api(app: str) -> None:
+    """Every ``aon_func`` import of an app names a public name (``aon_func.__all__``).
+
+    Besides its own modules, an app may import the model zoo (``aon_func._zoo``),
+    which the two apps share and the library itself does not use.
+    """
     import ast
 
-    folder = ROOT / "aon_func" / "_experiments"
+    folder = ROOT / "aon_func" / app
     for path in sorted(folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
@@ -172,8 +177,24 @@ def test_experiments_use_only_the_public_api() -> None:
                     for alias in node.names:
                         assert alias.name in aon_func.__all__, (path.name, alias.name)
                 else:
-                    inside = node.level == 1 or module.startswith("aon_func._experiments")
-                    assert inside or not module.startswith(("aon_func", ".")), (path.name, module)
+                    inside = node.level == 1 or module.startswith(f"aon_func.{app}")
+                    zoo = module in (".._zoo", "aon_func._zoo")
+                    assert inside or zoo or not module.startswith(("aon_func", ".")), (
+                        path.name,
+                        module,
+                    )
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not alias.name.startswith("aon_func._"), (path.name, alias.name)
+
+
+def test_the_library_does_not_import_the_zoo_or_the_apps() -> None:
+    import ast
+
+    for path in sorted((ROOT / "aon_func").glob("*.py")):
+        if path.name == "_cli.py":  # the command line registers the apps, lazily
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert not module.startswith(("._zoo", "._bench", "._experiments")), path.name
