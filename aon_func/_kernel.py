@@ -308,7 +308,9 @@ class _GramZv(torch.autograd.Function):
     for autograd (the power iteration's); ``Z`` and ``G`` are saved (``G`` as an output, so the
     backward is differentiable: grad-of-grad); ``vmap`` uses the generated
     rule. Dynamo cannot trace a custom ``jvp``, so compiled code uses this
-    class and eager code :class:`_GramZvFwd`, which adds forward mode.
+    class and eager code :class:`_GramZvFwd`, which adds forward mode. ``Z``
+    may be in a narrower product dtype (``matmul_dtype``) than ``u``: the
+    products run in ``Z``'s dtype, the Gram and all else in ``u``'s.
     """
 
     generate_vmap_rule = True
