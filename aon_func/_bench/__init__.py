@@ -377,7 +377,7 @@ def _apply_table(name: str, r: dict[str, Any]) -> str:
     lines = [
         f"\napply  {r['model']}: {r['n_matrices']} matrices in {r['n_groups']} shape groups, "
         f"{r['rounds']} rounds; roofline {g['fwd']:.2f} / {g['fwd+bwd']:.2f} GFLOP"
-        + "".join(f"; {k} {s:.0f} s to compile" for k, s in r["compile_s_by_row"].items()),
+        + "".join(f"; {k}: compile {s:.0f} s" for k, s in r["compile_s_by_row"].items()),
         f"  auto plan: {r['plan']}; fwd {_count_cell(c['fwd'])}, "
         f"fwd+bwd {_count_cell(c['fwd+bwd'])}",
         f"  {'':<14}{'fwd ms':>9}{'/roofline':>10}{'/loop':>7}{'fwd+bwd ms':>12}{'/roofline':>10}{'/loop':>7}",
