@@ -10,8 +10,8 @@ compiled. Compiled results equal eager ones.
 Backends. Inductor's code generation takes 20-60 s per graph on a small CPU,
 so most cases use ``"aot_eager"`` (Dynamo's capture, its guards and
 AOTAutograd's trace of forward and backward: every property tested here
-except Inductor's kernels) and one case per property that matters runs the
-default mode (Inductor) for real. On CUDA, the same cases also run in the
+except Inductor's kernels), and one case, ``apply`` forward and backward,
+runs the default mode (Inductor) for real. On CUDA, the same cases also run in the
 default mode and in ``"reduce-overhead"`` (CUDA graphs); without CUDA they are
 skipped with the reason. ``tests/test_transform_usecases.py`` compiles the
 training steps of four model kinds (one with Inductor) for 20 steps each.
