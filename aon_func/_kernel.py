@@ -507,7 +507,14 @@ def _spectral_normalisation(
 
 
 def _horner(
-    gram: Tensor, g2: Tensor, s1: Tensor, order: int, eye: Tensor, dtype: torch.dtype
+    gram: Tensor,
+    g2: Tensor,
+    s1: Tensor,
+    order: int,
+    eye: Tensor,
+    dtype: torch.dtype,
+    *,
+    fused: bool = False,
 ) -> tuple[Tensor, float]:
     """``(P, a)`` with ``a P = P_K(s1 G) = sum_j c_j (I - s1 G)^j`` (``a`` a Python number).
 
@@ -520,6 +527,13 @@ def _horner(
     further step is ``P <- c_j I + (I - X) P``, one ``baddbmm`` (its
     operands in ``dtype``, the product dtype): ``K - 1`` products in all,
     counting ``G^2``.
+
+    ``fused`` (the CPU, where an elementwise pass over ``k x k`` costs more
+    than a call; ``g2`` is then not given): ``X = s1 G`` once, the first two
+    steps are one ``baddbmm(X, X, X)`` and each further step
+    ``baddbmm(P, X, P, alpha=-1)``, with the identity terms added on the
+    diagonal of each fresh product in place: one pass over ``k x k`` per
+    step instead of two or three, the same products.
     """
     c = taylor_coefficients(order)
     if order == 1:
@@ -527,6 +541,14 @@ def _horner(
         return torch.addcmul(eye, gram, s1, value=-c[1] / a), a
     a = c[order - 2] + c[order - 1] + c[order]
     b = -(c[order - 1] + 2 * c[order]) / a
+    if fused:
+        x = gram * s1
+        p = _addmm(x, x, x, beta=b, alpha=c[order] / a)  # b X + c_K / a X^2
+        p.diagonal(dim1=-2, dim2=-1).add_(1.0)  # a fresh tensor: not an input
+        for j in range(order - 3, -1, -1):
+            p = _addmm(p, x, p, beta=1.0, alpha=-1.0)  # (I - X) P, then + c_j / a I
+            p.diagonal(dim1=-2, dim2=-1).add_(c[j] / a)
+        return p, a
     p = torch.addcmul(torch.addcmul(eye, gram, s1, value=b), g2, s1 * s1, value=c[order] / a)
     if order > 2:
         q = torch.addcmul(eye, gram, s1, value=-1.0)  # I - X
@@ -609,12 +631,16 @@ def _aon_products(
     pd = zs.dtype if matmul_dtype is None else matmul_dtype
     zp = _to(zs, pd)  # the products' operand, cast once
     iterations = gram_iterations(n_power_iterations)
-    power = _gram_power(zs.device, order, iterations)
-    gram, g2, zv, u_new, _, floor = _gram_zv(zp, ucol, fb, iterations, power, order >= 2)
+    # On the CPU Horner's first product is fused (no G^2 before sigma is known), so the
+    # power iteration runs on G itself; elsewhere G^2 (and G^4) save launches.
+    fused = zs.device.type == "cpu" and pd == zs.dtype and order >= 2
+    power = 1 if fused else _gram_power(zs.device, order, iterations)
+    squared = order >= 2 and not fused
+    gram, g2, zv, u_new, _, floor = _gram_zv(zp, ucol, fb, iterations, power, squared)
     ut = u_new.mT
     # sigma = u^T Z v = |Z^T u|, differentiable with u, v constant; never below the floor.
     inv_sigma = torch.clamp(_mm(ut, zv), min=floor).reciprocal()
-    p, a = _horner(gram, g2, inv_sigma * inv_sigma, order, eye, pd)
+    p, a = _horner(gram, g2, inv_sigma * inv_sigma, order, eye, pd, fused=fused)
     # What = a P Z / sigma; sigma_hat = u^T What v = a (u^T P) (Z v) / sigma. (u^T P
     # first: u is a constant, so autograd keeps a vector, not P.)
     sigma_hat = (_mm(_mm(ut, p), zv) * inv_sigma).clamp_min(SIGMA_HAT_FLOOR / a)
