@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,16 +56,37 @@ def test_the_first_example_is_the_recommended_setup() -> None:
     assert "add_gains(params, init=2**0.5)" in first
 
 
+SCRIPT_TIMEOUT_S = 300
+"""A block written as a script (it starts processes) runs in a process of its own, bounded."""
+
+
+def _is_script(code: str) -> bool:
+    return 'if __name__ == "__main__":' in code
+
+
 def _param(block_id: str, code: str) -> object:
-    # compiling takes 5 s warm and 25 s with a cold compile cache on 2 CPU cores
-    marks = [pytest.mark.slow] if "torch.compile(" in code else []
-    return pytest.param(code, id=block_id, marks=marks)
+    # compiling takes 5 s warm and 25 s with a cold compile cache on 2 CPU cores;
+    # a script spawns processes (a few seconds each)
+    slow = "torch.compile(" in code or _is_script(code)
+    return pytest.param(code, id=block_id, marks=[pytest.mark.slow] if slow else [])
 
 
 @pytest.mark.filterwarnings(
     "ignore:There is a performance drop because we have not yet implemented"
 )
 @pytest.mark.parametrize("code", [_param(i, c) for i, c in BLOCKS])
-def test_usage_block_runs(code: str) -> None:
+def test_usage_block_runs(code: str, tmp_path: Path) -> None:
+    if _is_script(code):
+        script = tmp_path / "block.py"
+        script.write_text(code, encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT_S,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        return
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(code, str(USAGE), "exec"), {"__name__": "__docs__"})
