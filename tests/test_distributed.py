@@ -8,6 +8,7 @@ compares the ranks with each other and with one process on the global batch.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import traceback
@@ -131,6 +132,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             results["fsdp"] = _adapter_training(x, y, _fsdp_wrap)
         except _NoFSDP as error:  # reported by the test as the skip reason
             results["fsdp_error"] = str(error)
+        gc.collect()  # DDP's reducer (in reference cycles) goes while the group is alive
         dist.barrier()
     except Exception:
         results["error"] = traceback.format_exc()
