@@ -284,7 +284,7 @@ def test_resume_refuses_another_configuration(
             "compare",
             *TINY,
             "--methods",
-            "sn",
+            ALL,
             "--lr",
             "0.1",
             "--gain",

@@ -227,6 +227,48 @@ def test_resume_with_other_epochs_is_refused_before_any_data(
     assert _files(out) == before
 
 
+@pytest.fixture(scope="module")
+def finished_two_seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose two runs (seeds 0 and 1) finished their 2 epochs."""
+    out = tmp_path_factory.mktemp("finished2") / "out"
+    assert main([*SHORT, "--epochs", "2", "--seeds", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "sn", "--seeds", "2"], "holds the methods aon-2"),
+        (["--seeds", "1"], "holds 2 seeds"),
+    ],
+)
+def test_resume_with_fewer_runs_than_the_folder_is_refused_before_any_data(
+    finished_two_seeds: Path,
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subset would rewrite the folder's results.json without the other runs."""
+    from aon_func._experiments import data
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("data loaded before the refusal")
+
+    monkeypatch.setattr(data, "load_dataset", refuse)
+    out = tmp_path / "out"
+    shutil.copytree(finished_two_seeds, out)
+    before = _files(out)
+    rc = main([*SHORT, "--epochs", "2", "--out", str(out), "--resume", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"aon-func: error: --resume: {out} holds ")
+    assert message in err
+    assert err.count("\n") == 1
+    assert _files(out) == before
+
+
 def test_extend_trains_on_and_keeps_the_earlier_results(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

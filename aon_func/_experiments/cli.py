@@ -524,7 +524,38 @@ def _stored_epochs(out: Path) -> int | None:
     return epochs if isinstance(epochs, int) else None
 
 
-def _check_resume(args: argparse.Namespace, out: Path) -> int | None:
+def _stored_config(out: Path) -> dict[str, Any]:
+    """Folder ``out``'s ``config.json`` (``{}`` when it is missing or unreadable)."""
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_resume_covers(out: Path, methods: list[str], seeds: int) -> None:
+    """Refuse a ``--resume`` that would rewrite ``out``'s results with fewer runs than it holds."""
+    config = _stored_config(out)
+    stored = config.get("methods")
+    dropped = [m for m in stored if m not in methods] if isinstance(stored, list) else []
+    stored_seeds = config.get("seeds")
+    fewer = isinstance(stored_seeds, int) and seeds < stored_seeds
+    if dropped or fewer:
+        what = []
+        if dropped:
+            what.append(f"the methods {', '.join(dropped)}")
+        if fewer:
+            what.append(f"{stored_seeds} seeds (--seeds {seeds} asks for fewer)")
+        raise UsageError(
+            f"--resume: {out} holds {' and '.join(what)}: resuming with fewer would rewrite "
+            "its results without them; resume with its --methods and --seeds (more is fine), "
+            "or use another --out"
+        )
+
+
+def _check_resume(
+    args: argparse.Namespace, out: Path, methods: list[str] | None = None
+) -> int | None:
     """Check ``--resume``/``--extend`` against folder ``out``; the epochs to extend from, if any."""
     if args.extend and not args.resume:
         raise UsageError("--extend trains the runs of a folder on: use it with --resume")
@@ -533,6 +564,8 @@ def _check_resume(args: argparse.Namespace, out: Path) -> int | None:
     if not _has_results(out):
         print(f"aon-func: --resume: {out} holds no runs yet; starting them", file=sys.stderr)
         return None
+    if methods is not None:
+        _check_resume_covers(out, methods, args.seeds)
     stored = _stored_epochs(out)
     if stored is None or stored == args.epochs:
         return None
@@ -656,7 +689,7 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
     out = _claim_out(args.out or Path("runs") / args.command, args.resume)
     created = _make_out(out)
     try:
-        extend_from = _check_resume(args, out)
+        extend_from = _check_resume(args, out, [m.name for m in methods])
         data = subsample(load_dataset(args.dataset, args.data_dir), args.train_size)
     except BaseException:
         _remove_empty(created)
