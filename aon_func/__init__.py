@@ -42,7 +42,7 @@ from ._transform import (
     gain_key,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AON",

@@ -198,3 +198,12 @@ def test_the_library_does_not_import_the_zoo_or_the_apps() -> None:
             if isinstance(node, ast.ImportFrom):
                 module = "." * node.level + (node.module or "")
                 assert not module.startswith(("._zoo", "._bench", "._experiments")), path.name
+
+
+def test_the_package_version_is_the_project_version() -> None:
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    match = re.search(r'^version = "([^"]+)"$', text, flags=re.MULTILINE)
+    assert match is not None
+    assert match.group(1) == aon_func.__version__
