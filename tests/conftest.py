@@ -49,3 +49,14 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     prints in the summary: never silently.
     """
     return torch.device(request.param)
+
+
+@pytest.fixture
+def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command generates or reads any data (a mistake must cost none)."""
+    from aon_func._experiments import data
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the command loaded data before reporting the mistake")
+
+    monkeypatch.setattr(data, "load_dataset", refuse)

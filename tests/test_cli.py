@@ -66,17 +66,6 @@ def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFi
     assert "Traceback" not in err
 
 
-@pytest.fixture
-def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the command generates or reads any data."""
-    from aon_func._experiments import data
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the command loaded data before reporting the mistake")
-
-    monkeypatch.setattr(data, "load_dataset", refuse)
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

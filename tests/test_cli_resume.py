@@ -201,20 +201,14 @@ def _files(folder: Path) -> dict[Path, bytes]:
         ("1", "was started with --epochs 2; resume it with --epochs 2"),
     ],
 )
+@pytest.mark.usefixtures("no_data")
 def test_resume_with_other_epochs_is_refused_before_any_data(
     finished: Path,
     epochs: str,
     message: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aon_func._experiments import data
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("data loaded before the refusal")
-
-    monkeypatch.setattr(data, "load_dataset", refuse)
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     before = _files(out)
@@ -242,21 +236,15 @@ def finished_two_seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--seeds", "1"], "holds 2 seeds"),
     ],
 )
+@pytest.mark.usefixtures("no_data")
 def test_resume_with_fewer_runs_than_the_folder_is_refused_before_any_data(
     finished_two_seeds: Path,
     argv: list[str],
     message: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A subset would rewrite the folder's results.json without the other runs."""
-    from aon_func._experiments import data
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("data loaded before the refusal")
-
-    monkeypatch.setattr(data, "load_dataset", refuse)
     out = tmp_path / "out"
     shutil.copytree(finished_two_seeds, out)
     before = _files(out)

@@ -70,19 +70,13 @@ def test_subsample_is_one_fixed_subset() -> None:
         (["--train-size", "1"], "--train-size 1: at least 2"),
     ],
 )
+@pytest.mark.usefixtures("no_data")
 def test_train_size_is_checked_before_any_data(
     argv: list[str],
     message: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aon_func._experiments import data
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("data loaded before the refusal")
-
-    monkeypatch.setattr(data, "load_dataset", refuse)
     rc = main(["compare", *TINY, *argv, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2
@@ -199,32 +193,34 @@ def test_commit_is_the_checkout_or_unknown(monkeypatch: pytest.MonkeyPatch) -> N
 # --------------------------------------------------------------------------- tune, end to end
 
 
+TUNED = [
+    "compare",
+    *TINY,
+    "--methods",
+    "plain,soft,aon",
+    "--seeds",
+    "2",
+    "--tune",
+    "--tune-seeds",
+    "2",
+    "--tune-lrs",
+    "1e-5,1e-2",
+    "--tune-orders",
+    "1,2",
+    "--tune-lambdas",
+    "1e-3",
+    "--tune-scales",
+    "free:learnable",
+    "--train-size",
+    "600",
+]
+"""A small tuned comparison: two learning rates, two orders, one penalty weight, 2 + 2 seeds."""
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("tuned") / "out"
-    argv = [
-        "compare",
-        *TINY,
-        "--methods",
-        "plain,soft,aon",
-        "--seeds",
-        "2",
-        "--tune",
-        "--tune-seeds",
-        "2",
-        "--tune-lrs",
-        "1e-5,1e-2",
-        "--tune-orders",
-        "1,2",
-        "--tune-lambdas",
-        "1e-3",
-        "--tune-scales",
-        "free:learnable",
-        "--train-size",
-        "600",
-        "--out",
-        str(out),
-    ]
+    argv = [*TUNED, "--out", str(out)]
     assert main(argv) == 0
     res: dict[str, Any] = json.loads((out / "results.json").read_text())
     res["_out"] = out
@@ -298,30 +294,7 @@ def test_tune_resumes_to_the_same_results(tuned: dict[str, Any], tmp_path: Path)
 
     out = tmp_path / "out"
     shutil.copytree(tuned["_out"], out)
-    argv = [
-        "compare",
-        *TINY,
-        "--methods",
-        "plain,soft,aon",
-        "--seeds",
-        "2",
-        "--tune",
-        "--tune-seeds",
-        "2",
-        "--tune-lrs",
-        "1e-5,1e-2",
-        "--tune-orders",
-        "1,2",
-        "--tune-lambdas",
-        "1e-3",
-        "--tune-scales",
-        "free:learnable",
-        "--train-size",
-        "600",
-        "--out",
-        str(out),
-        "--resume",
-    ]
+    argv = [*TUNED, "--out", str(out), "--resume"]
     assert main(argv) == 0
     new = json.loads((out / "results.json").read_text())
     assert new["methods"] == tuned["methods"]
