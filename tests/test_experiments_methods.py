@@ -44,6 +44,37 @@ def test_names_of_the_new_methods() -> None:
         parse_method("ort")
 
 
+def test_power_iterations_per_step_in_the_name() -> None:
+    from aon_func._experiments.methods import Scale, make_transform, with_value
+
+    assert parse_method("sn@4").power_iterations == 4
+    assert parse_method("sn@4").order == 0
+    assert parse_method("sn@1").name == "sn"  # the default is not spelled out
+    m = parse_method("aon@24")
+    assert (m.tunable, m.power_iterations, m.name) == (True, 24, "aon@24")
+    assert with_value(m, 2).name == "aon-2@24"
+    assert parse_method("AON-2@24").label == "AON K=2, 24 power it./step"
+    for bad, why in [("oni@3", "for sn and aon only"), ("aon-2@0", "P >= 1")]:
+        with pytest.raises(ValueError, match=why):
+            parse_method(bad)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    scale = Scale(normalise_head=True, gain="none", gain_init=1.0)
+    t = make_transform(parse_method("aon-2@7"), model, scale)
+    assert isinstance(t, aon_func.AON)
+    assert (t.order, t.n_power_iterations) == (2, 7)
+
+
+def test_power_iterations_below_the_safeguard_change_nothing_for_k_ge_1(tmp_path: Path) -> None:
+    # K >= 1 runs max(P, SAFEGUARD_ITERATIONS) Gram steps: @4 is the same method as @1,
+    # bit for bit; SN (K = 0) runs P Miyato steps, so @4 differs from @1.
+    res = _run(tmp_path, "compare", *TINY, "--epochs", "2", "--methods", "aon-2,aon-2@4,sn,sn@4")
+    runs = {name: m["runs"][0] for name, m in res["methods"].items()}
+    assert (
+        runs["aon-2"]["history"][-1]["train_loss"] == runs["aon-2@4"]["history"][-1]["train_loss"]
+    )
+    assert runs["sn"]["history"][-1]["train_loss"] != runs["sn@4"]["history"][-1]["train_loss"]
+
+
 @pytest.mark.parametrize("shape", [(3, 7), (7, 3), (5, 5)])
 @pytest.mark.parametrize("variant", ["cayley", "exp"])
 def test_torch_orthogonal_map_is_orthonormal_on_the_short_side(

@@ -71,7 +71,7 @@ def from_results(folder: Path, orders: Iterable[int] = range(17)) -> list[dict[s
             continue
         run = min(m["runs"], key=lambda r: r["seed"])
         concrete = run["config"]["method"]
-        if not re.fullmatch(r"aon-[1-9]\d*", concrete) or "checkpoint" not in run:
+        if not re.fullmatch(r"aon-[1-9]\d*(@\d+)?", concrete) or "checkpoint" not in run:
             continue
         params = load_checkpoint(folder / run["checkpoint"])["params"]
         for layer in sorted(run["ortho_error_per_layer"]):

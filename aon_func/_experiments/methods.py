@@ -6,6 +6,11 @@ Names (``--methods`` / ``--method``):
 - ``sn``: spectral normalisation, ``aon_func.AON(order=0)``.
 - ``aon``: ``aon_func.AON()`` at the library's default order
   (``aon_func.DEFAULT_ORDER``); ``aon-K``: ``aon_func.AON(order=K)``.
+- ``sn@P``, ``aon@P``, ``aon-K@P``: the same with ``n_power_iterations=P``
+  power-iteration steps per training step (default 1; for ``K >= 1`` the
+  kernel runs at least ``aon_func.SAFEGUARD_ITERATIONS`` steps on the Gram
+  matrix whatever ``P``, so ``P <= 12`` are the same method there): the
+  ablation of the power iterations per step.
 - ``oni`` / ``oni-T``: ``aon_func.ONI(iterations=T)`` (default 5).
 - ``ns`` / ``ns-T``: ``aon_func.NewtonSchulz(steps=T)`` (default 5).
 - ``polar``: ``aon_func.Polar()``, the exact ``U V^T`` (OWN).
@@ -101,6 +106,8 @@ class Method:
     iterations: int = 0
     lam: float = 0.0
     variant: str = ""
+    power_iterations: int = 1
+    """``n_power_iterations`` of the AON family (``sn``, ``aon*``): ``@P`` in the name."""
     tunable: bool = False
     """Parsed without its order or weight (``aon``, ``soft``...): ``--tune`` chooses it."""
 
@@ -108,7 +115,10 @@ class Method:
     def label(self) -> str:
         """A human description, e.g. ``AON K=2`` or ``soft orth. lambda=0.001``."""
         if self.family == "aon":
-            return "SN (AON K=0)" if self.order == 0 else f"AON K={self.order}"
+            base = "SN (AON K=0)" if self.order == 0 else f"AON K={self.order}"
+            if self.power_iterations != 1:
+                base += f", {self.power_iterations} power it./step"
+            return base
         if self.family == "aon-fro":
             return f"AON K={self.order}, Frobenius prescaling"
         if self.family == "orth":
@@ -129,17 +139,17 @@ class Method:
 
 
 _PATTERN = re.compile(
-    r"^(?:(?P<plain>plain)|(?P<sn>sn)|(?P<polar>polar)|(?P<es>es)"
+    r"^(?:(?P<plain>plain)|(?P<sn>sn)(?:@(?P<snpi>\d+))?|(?P<polar>polar)|(?P<es>es)"
     r"|(?P<orth>orth)(?:-(?P<map>cayley|exp))?"
     r"|(?P<fro>aon-fro)(?:-(?P<fk>\d+))?"
-    r"|(?P<it>aon|oni|ns)(?:-(?P<k>\d+))?"
+    r"|(?P<it>aon|oni|ns)(?:-(?P<k>\d+))?(?:@(?P<pi>\d+))?"
     r"|(?P<pen>soft|srip|wd)(?::(?P<lam>[0-9.eE+-]+))?)$"
 )
 
 
 METHOD_NAMES = (
-    "plain, sn, aon, aon-K, oni, oni-T, ns, ns-T, polar, soft, soft:LAMBDA, srip, srip:LAMBDA, "
-    "orth, orth-cayley, orth-exp, aon-fro, aon-fro-K, wd, wd:DECAY, es"
+    "plain, sn, sn@P, aon, aon-K, aon@P, aon-K@P, oni, oni-T, ns, ns-T, polar, soft, soft:LAMBDA, "
+    "srip, srip:LAMBDA, orth, orth-cayley, orth-exp, aon-fro, aon-fro-K, wd, wd:DECAY, es"
 )
 """The method names ``parse_method`` accepts, for help texts and error messages."""
 
@@ -169,7 +179,8 @@ def _parse(text: str) -> Method:
     if m["plain"]:
         return Method("plain", "plain", "plain")
     if m["sn"]:
-        return Method("sn", "normalise", "aon", order=0)
+        p = _power_iterations(text, m["snpi"])
+        return Method(_with_pi("sn", p), "normalise", "aon", order=0, power_iterations=p)
     if m["polar"]:
         return Method("polar", "normalise", "polar")
     if m["es"]:
@@ -185,9 +196,21 @@ def _parse(text: str) -> Method:
     if m["it"]:
         family, k = m["it"], m["k"]
         if family == "aon":
+            p = _power_iterations(text, m["pi"])
             if k is None:
-                return Method(name, "normalise", "aon", order=DEFAULT_ORDER, tunable=True)
-            return Method(name, "normalise", "aon", order=int(k))
+                return Method(
+                    _with_pi("aon", p),
+                    "normalise",
+                    "aon",
+                    order=DEFAULT_ORDER,
+                    power_iterations=p,
+                    tunable=True,
+                )
+            return Method(
+                _with_pi(f"aon-{int(k)}", p), "normalise", "aon", order=int(k), power_iterations=p
+            )
+        if m["pi"] is not None:
+            raise ValueError(f"{text.strip()!r} (@P, power iterations, is for sn and aon only)")
         return Method(name, "normalise", family, iterations=5 if k is None else int(k))
     family = m["pen"]
     kind: Kind = "control" if family == "wd" else "penalty"
@@ -204,11 +227,24 @@ def _parse(text: str) -> Method:
     return Method(f"{family}:{lam:g}", kind, family, lam=lam)
 
 
+def _power_iterations(text: str, tail: str | None) -> int:
+    if tail is None:
+        return 1
+    if int(tail) < 1:
+        raise ValueError(f"{text.strip()!r} (@P needs P >= 1 power iterations per step)")
+    return int(tail)
+
+
+def _with_pi(stem: str, p: int) -> str:
+    """The canonical name: ``@P`` only when ``P`` is not the default 1."""
+    return stem if p == 1 else f"{stem}@{p}"
+
+
 def with_value(method: Method, value: float) -> Method:
     """``method`` with its tunable order (``aon``, ``aon-fro``) or weight (``soft``, ``srip``,
     ``wd``) set to ``value``: the concrete method of one grid point."""
     if method.family == "aon":
-        return parse_method(f"aon-{int(value)}")
+        return parse_method(_with_pi(f"aon-{int(value)}", method.power_iterations))
     if method.family == "aon-fro":
         return parse_method(f"aon-fro-{int(value)}")
     if method.family in ("soft", "srip", "wd"):
@@ -425,7 +461,13 @@ def make_transform(method: Method, model: nn.Module, scale: Scale) -> Transform 
         )
         return MatrixMap(layers, fn, gain)
     if method.family == "aon":
-        return AON.for_module(model, exclude=exclude, order=method.order, gain=gain)
+        return AON.for_module(
+            model,
+            exclude=exclude,
+            order=method.order,
+            gain=gain,
+            n_power_iterations=method.power_iterations,
+        )
     if method.family == "oni":
         return ONI.for_module(model, exclude=exclude, iterations=method.iterations, gain=gain)
     if method.family == "ns":
