@@ -1,10 +1,14 @@
-"""``aon-func compare`` and ``aon-func train``: the comparison experiments.
+"""``aon-func compare``, ``train``, ``approx`` and ``report``: the comparison experiments.
 
 ``compare`` trains the same model with each method (``--methods``) for
 ``--seeds`` seeds and writes ``results.json``, ``results.csv``,
-``results.md``, ``accuracy.png`` and ``spectra.png`` into ``--out``; ``train``
-does the same for one method. Every run is checkpointed after every epoch in
-``--out/runs/``; ``--resume`` continues them.
+``results.md`` and the plots (:data:`.report.PLOTS`: ``accuracy.png``,
+``spectra.png``, ``speed_accuracy.png``, ``training.png``,
+``conditioning.png``) into ``--out``; ``train`` does the same for one method.
+Every run is checkpointed after every epoch in ``--out/runs/``; ``--resume``
+continues them. ``report DIR`` renders the tables and plots of a folder's
+``results.json`` again, into a new folder (``DIR/report/`` by default),
+leaving ``DIR`` as it was.
 
 Protocol: each seed's validation split is carved from the training set
 (``--val-fraction``; ``--train-size`` subsamples the training set first);
@@ -72,7 +76,16 @@ DEFAULT_TUNE_SEEDS = 3
 
 _ARTEFACTS = ("results.json", "config.json", "runs")
 
-_RESULT_FILES = ("results.json", "results.csv", "results.md", "accuracy.png", "spectra.png")
+_RESULT_FILES = (
+    "results.json",
+    "results.csv",
+    "results.md",
+    "accuracy.png",
+    "spectra.png",
+    "speed_accuracy.png",
+    "training.png",
+    "conditioning.png",
+)
 
 EXTRA = "experiments"
 """The extra that ``compare`` and ``train`` need: ``pip install "aon-func[experiments]"``."""
@@ -356,7 +369,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    """Add ``compare`` and ``train`` to the ``aon-func`` sub-command parsers ``sub``."""
+    """Add ``compare``, ``train``, ``approx`` and ``report`` to the ``aon-func`` sub-command
+    parsers ``sub``."""
     compare = sub.add_parser(
         "compare",
         help="train one model with each method and print a results table",
@@ -411,6 +425,24 @@ def register(sub: Any) -> None:
     )
     approx.set_defaults(func=_run_approx, command="approx")
 
+    report = sub.add_parser(
+        "report",
+        help="render a results folder's tables and plots again from its results.json",
+        description=(
+            "Write results.md, results.csv and the plots of a compare/train results folder "
+            "again, from its results.json alone (no data, no checkpoints), into a new folder; "
+            "the results folder itself is left as it was."
+        ),
+    )
+    report.add_argument("folder", type=Path, metavar="DIR", help="a compare or train --out folder")
+    report.add_argument(
+        "--out",
+        type=Path,
+        metavar="OUT",
+        help="a new or empty folder for the report (default: DIR/report)",
+    )
+    report.set_defaults(func=_run_report, command="report")
+
 
 def _run_approx(args: argparse.Namespace) -> int:
     missing = missing_extra()
@@ -436,6 +468,76 @@ def _run_approx(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    """``aon-func report DIR [--out OUT]``: refuse in one line, or render ``DIR/results.json``."""
+    missing = missing_extra()
+    if missing:
+        _err(
+            f"report needs the {EXTRA} extra ({', '.join(missing)} not installed): "
+            f'pip install "aon-func[{EXTRA}]"'
+        )
+        return 1
+    folder: Path = args.folder
+    source = folder / "results.json"
+    if not source.is_file():
+        _err(f"DIR {folder}: no results.json (give the --out folder of compare or train)")
+        return 2
+    try:
+        payload = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        _err(f"DIR {folder}: results.json is not valid JSON ({exc})")
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        _err(f"DIR {folder}: cannot read results.json ({exc})".splitlines()[0])
+        return 2
+    out: Path = args.out if args.out is not None else folder / "report"
+    if out.exists() and not out.is_dir():
+        _err(f"--out {out}: exists and is not a folder (give a new or empty folder)")
+        return 2
+    if out.is_dir() and any(out.iterdir()):
+        _err(
+            f"--out {out}: exists and is not empty (a report never overwrites; give a new or "
+            "empty folder)"
+        )
+        return 2
+    from .report import comparison_lines, results_markdown, summarise, text_table, write_results
+
+    try:  # everything the tables read, before anything is written
+        rows = summarise(payload["methods"])
+        results_markdown(payload, rows)
+        _payload_plots(out, payload, check_only=True)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        what = what.splitlines()[0] if what else type(exc).__name__
+        _err(f"DIR {folder}: results.json is not one that compare or train writes ({what})")
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, payload, write_json=False)
+    names = [p.name for p in _payload_plots(out, payload)]
+    print(text_table(rows))
+    for line in comparison_lines(payload["comparisons"], payload["config"]["seeds"], len(rows)):
+        print(line)
+    print(f"report: {out / 'results.md'} (also results.csv, {', '.join(names)})")
+    return 0
+
+
+def _payload_plots(out: Path, payload: dict[str, Any], *, check_only: bool = False) -> list[Path]:
+    """:func:`.report.write_plots` of a ``results.json`` payload: every method's runs, the
+    split and the test accuracy intervals (``check_only``: gather them, write nothing)."""
+    from .report import write_plots
+
+    methods = payload["methods"]
+    runs = [
+        {**r, "method": r.get("method", name)} for name, m in methods.items() for r in m["runs"]
+    ]
+    intervals = {name: m.get("test_acc_ci95") for name, m in methods.items()}
+    if check_only:
+        return []
+    return write_plots(
+        out, payload["config"], runs, split=payload.get("split"), intervals=intervals
+    )
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -651,7 +753,7 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
     from . import train
     from .data import TRAIN_SIZES, check_dataset_args, load_dataset, split_validation, subsample
     from .protocol import TuneGrid, commit, grid, machine, select
-    from .report import comparison_lines, text_table, write_plots, write_results
+    from .report import comparison_lines, text_table, write_results
 
     # Everything that needs no data first: a mistake costs no data generation.
     torch.set_num_threads(args.threads)
@@ -827,8 +929,7 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
             bar.close()
     payload = _payload(args, config, methods, per_method, sizes, device, commit(), machine)
     rows = write_results(out, payload)
-    flat = [r for m in payload["methods"].values() for r in m["runs"]]
-    write_plots(out, config, flat)
+    plots = [p.name for p in _payload_plots(out, payload)]
     what = (
         f"tuned on validation over seeds {tune_seeds[0]}..{tune_seeds[-1]}, " if args.tune else ""
     )
@@ -840,9 +941,7 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
     print(text_table(rows))
     for line in comparison_lines(payload["comparisons"], args.seeds, len(methods)):
         print(line)
-    print(
-        f"results: {out / 'results.md'} (also results.json, results.csv, accuracy.png, spectra.png)"
-    )
+    print(f"results: {out / 'results.md'} (also results.json, results.csv, {', '.join(plots)})")
     return 0
 
 
