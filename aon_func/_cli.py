@@ -1,4 +1,4 @@
-"""The aon-func command line: compare, train, bench.
+"""The aon-func command line: compare, train, approx, jacobian, report, bench.
 
 Importing this module imports nothing beyond the standard library; main()
 imports the apps' argument parsers, which need only torch. What an app needs
@@ -17,7 +17,8 @@ __all__ = ["main", "plain_text"]
 
 DESCRIPTION = (
     "Approximated orthonormal normalisation (AON) of weights on torch.func: "
-    "the comparison experiments (compare, train) and the performance suite (bench). "
+    "the comparison experiments (compare, train; approx, jacobian and report on their "
+    "results folders) and the performance suite (bench). "
     "aon-func COMMAND --help lists a command's options."
 )
 

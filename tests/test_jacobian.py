@@ -271,3 +271,26 @@ def test_summarise_counts_zeros_and_leaves_them_out_of_cond() -> None:
     assert dead["mean_log"] is None
     assert dead["n_zero"] == 6
     assert dead["max"] is None
+
+
+def test_the_jacobian_command(
+    folder: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib", reason="the experiments extra (matplotlib) is not installed")
+    from aon_func._cli import main
+
+    out, js, png = folder["out"], tmp_path / "j.json", tmp_path / "j.png"
+    argv = ["jacobian", str(out), "--n-inputs", "2", "--json", str(js), "--plot", str(png)]
+    assert main(argv) == 0
+    assert "| polar | 0 | trained | hidden 12×12 |" in capsys.readouterr().out
+    rows = json.loads(js.read_text())
+    assert {r["trained_with"] for r in rows} >= {"plain", "aon-2", "polar"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert _digest(out) == folder["before"]
+    # refusals, one line each, before any work; existing files are never overwritten
+    assert main(argv) == 2
+    assert "--json" in capsys.readouterr().err
+    assert main(["jacobian", str(tmp_path / "nothing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    assert main(["jacobian", str(out), "--n-inputs", "0"]) == 2
+    assert "--n-inputs 0" in capsys.readouterr().err

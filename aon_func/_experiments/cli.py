@@ -425,6 +425,35 @@ def register(sub: Any) -> None:
     )
     approx.set_defaults(func=_run_approx, command="approx")
 
+    jac = sub.add_parser(
+        "jacobian",
+        help="singular values of the input-output Jacobian at init and trained, per method",
+        description=(
+            "For the first reported run of each method of a compare/train results folder: the "
+            "singular values of d logits / d input (and, for deep-mlp, of the deep hidden stack "
+            "d h_{L-1} / d h_1) of the network the method uses, at its initialisation (rebuilt "
+            "from the run's seed) and after training (its checkpoint), on a few fixed inputs."
+        ),
+    )
+    jac.add_argument("folder", type=Path, metavar="DIR", help="a compare or train --out folder")
+    jac.add_argument(
+        "--inputs",
+        choices=("normal", "test"),
+        default="normal",
+        help="standard normal inputs of the data's shape (default; seeded) or the first test "
+        "examples (mnist/cifar10 need --data-dir)",
+    )
+    jac.add_argument("--n-inputs", type=int, default=8, metavar="N", help="inputs (default: 8)")
+    jac.add_argument("--data-dir", type=Path, metavar="DIR", help="the data, for --inputs test")
+    jac.add_argument("--all-runs", action="store_true", help="every reported run, not the first")
+    jac.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the rows to FILE (a new file)"
+    )
+    jac.add_argument(
+        "--plot", type=Path, metavar="FILE", help="also plot the spectra to FILE (a new PNG)"
+    )
+    jac.set_defaults(func=_run_jacobian, command="jacobian")
+
     report = sub.add_parser(
         "report",
         help="render a results folder's tables and plots again from its results.json",
@@ -467,6 +496,47 @@ def _run_approx(args: argparse.Namespace) -> int:
     print(markdown(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def _run_jacobian(args: argparse.Namespace) -> int:
+    """``aon-func jacobian DIR``: refuse in one line, or print (and write) the spectra."""
+    missing = missing_extra()
+    if missing:
+        _err(
+            f"jacobian needs the {EXTRA} extra ({', '.join(missing)} not installed): "
+            f'pip install "aon-func[{EXTRA}]"'
+        )
+        return 1
+    if not (args.folder / "results.json").is_file():
+        _err(f"{args.folder}: no results.json (give the --out folder of compare or train)")
+        return 2
+    if args.n_inputs < 1:
+        _err(f"--n-inputs {args.n_inputs}: expected at least 1 input")
+        return 2
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and path.exists():
+            _err(f"{flag} {path} exists: give a new file (results are never overwritten)")
+            return 2
+    from .data import DataError
+    from .jacobian import from_results, markdown, plot
+
+    try:
+        rows = from_results(
+            args.folder,
+            n_inputs=args.n_inputs,
+            inputs=args.inputs,
+            data_dir=args.data_dir,
+            all_runs=args.all_runs,
+        )
+    except DataError as exc:
+        _err(f"--data-dir: {exc}")
+        return 2
+    print(markdown(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    if args.plot is not None:
+        plot(rows, args.plot)
     return 0
 
 
