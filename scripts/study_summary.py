@@ -4,7 +4,8 @@ Reads ``STUDY/*/results.json`` (never writes there) and prints, per table, the
 reported test accuracy of every method (mean and BCa 95% interval over the
 evaluation seeds, with the configuration selected on validation) and every
 paired comparison with its Holm-corrected p-value. With ``--copy-to DIR`` it
-also copies each folder's ``results.md``, ``results.csv`` and plots to
+also copies each folder's ``results.md``, ``results.csv`` and plots (those of
+``DIR/report/``, written by ``aon-func report DIR``, where there is one) to
 ``DIR/<table>/``, with a ``results.json`` without the per-run, per-epoch
 ``history`` and checkpoint paths (they stay in the run folder; the plots show
 the histories), so that the docs hold the numbers behind every sentence.
@@ -117,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             dest = args.copy_to / folder.name
             dest.mkdir(parents=True, exist_ok=True)
             for name in COPIED:
-                if (folder / name).is_file():
-                    shutil.copyfile(folder / name, dest / name)
+                # ``aon-func report DIR`` writes DIR/report/ with every plot of the current code
+                for src in (folder / "report" / name, folder / name):
+                    if src.is_file():
+                        shutil.copyfile(src, dest / name)
+                        break
             text = json.dumps(_trimmed(res), indent=1, allow_nan=True)
             (dest / "results.json").write_text(text + "\n", encoding="utf-8")
     return 0
