@@ -2,8 +2,8 @@
 
 Reads ``STUDY/*/results.json`` (never writes there) and prints, per table, the
 reported test accuracy of every method (mean and BCa 95% interval over the
-evaluation seeds, with the configuration selected on validation) and every
-paired comparison with its Holm-corrected p-value. With ``--copy-to DIR`` it
+evaluation seeds, with the configuration selected on validation, and how many
+of all its runs, tuning included, left chance level) and every paired comparison with its Holm-corrected p-value. With ``--copy-to DIR`` it
 also copies each folder's ``results.md``, ``results.csv`` and plots (those of
 ``DIR/report/``, written by ``aon-func report DIR``, where there is one) to
 ``DIR/<table>/``, with a ``results.json`` without the per-run, per-epoch
@@ -50,6 +50,19 @@ def _selected(sel: dict[str, Any]) -> str:
     return ", ".join(bits)
 
 
+CHANCE = 0.2
+"""Validation accuracy above which a run counts as having left chance level (twice the
+10-class chance; every data set of the study has 10 classes)."""
+
+
+def _above_chance(method: dict[str, Any]) -> str:
+    """Runs of every configuration tried (tuning seeds) and of the evaluation seeds whose
+    validation accuracy exceeds :data:`CHANCE`, as ``n/N``."""
+    accs = [a for g in method.get("grid", []) for a in g.get("val_accs", [])]
+    accs += [r["val_acc"] for r in method["runs"]]
+    return f"{sum(a > CHANCE for a in accs)}/{len(accs)}"
+
+
 def table(name: str, res: dict[str, Any]) -> str:
     """One folder's methods and comparisons as markdown."""
     cfg = res["config"]
@@ -62,8 +75,9 @@ def table(name: str, res: dict[str, Any]) -> str:
         f"{split['test']}, commit `{res['commit'][:10]}`, "
         f"{'tuned' if cfg['tune'] else 'not tuned'}.",
         "",
-        "| method | selected on validation | test acc. (%) | 95% CI | val. acc. (%) | s/epoch |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | selected on validation | test acc. (%) | 95% CI | val. acc. (%) | s/epoch "
+        "| runs above chance |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in res["summary"]:
         m = res["methods"][row["method"]]
@@ -71,7 +85,7 @@ def table(name: str, res: dict[str, Any]) -> str:
             f"| {row['method']} | {_selected(m['selected']) if m.get('selected') else row['label']} "
             f"| {_pct(row['test_acc_mean'])} ± {_pct(row['test_acc_std'])} "
             f"| [{_pct(row['test_acc_ci95_lo'])}, {_pct(row['test_acc_ci95_hi'])}] "
-            f"| {_pct(row['val_acc_mean'])} | {row['sec_per_epoch']:.3f} |"
+            f"| {_pct(row['val_acc_mean'])} | {row['sec_per_epoch']:.3f} | {_above_chance(m)} |"
         )
     comps = res["comparisons"]
     if comps:
