@@ -3,8 +3,8 @@
 Reads ``STUDY/*/results.json`` (never writes there) and prints, per table, the
 reported test accuracy of every method (mean and BCa 95% interval over the
 evaluation seeds, with the configuration selected on validation, and how many
-of all its runs, tuning included, left chance level) and every paired comparison with its Holm-corrected p-value. With ``--copy-to DIR`` it
-also copies each folder's ``results.md``, ``results.csv`` and plots (those of
+of all its runs, tuning included, left chance level) and every paired
+comparison with its Holm-corrected p-value. With ``--copy-to DIR`` it also copies each folder's ``results.md``, ``results.csv`` and plots (those of
 ``DIR/report/``, written by ``aon-func report DIR``, where there is one) to
 ``DIR/<table>/``, with a ``results.json`` without the per-run, per-epoch
 ``history`` and checkpoint paths (they stay in the run folder; the plots show
