@@ -3,7 +3,8 @@
 Reads ``STUDY/*/results.json`` (never writes there) and prints, per table, the
 reported test accuracy of every method (mean and BCa 95% interval over the
 evaluation seeds, with the configuration selected on validation, and how many
-of all its runs, tuning included, left chance level) and every paired
+of all its runs, tuning included, left chance level, and how far its own
+choices moved the validation accuracy at the selected learning rate) and every paired
 comparison with its Holm-corrected p-value. With ``--copy-to DIR`` it also copies each folder's ``results.md``, ``results.csv`` and plots (those of
 ``DIR/report/``, written by ``aon-func report DIR``, where there is one) to
 ``DIR/<table>/``, with a ``results.json`` without the per-run, per-epoch
@@ -63,6 +64,15 @@ def _above_chance(method: dict[str, Any]) -> str:
     return f"{sum(a > CHANCE for a in accs)}/{len(accs)}"
 
 
+def _spread(method: dict[str, Any]) -> str:
+    """Max minus min of the mean validation accuracy (points) over the configurations tried at
+    the selected learning rate: what the method's own choices (order, penalty weight, decay,
+    head/gain policy) moved it by; ``-`` when there was one configuration at that rate."""
+    sel = method.get("selected")
+    accs = [g["val_acc"] for g in method.get("grid", []) if sel and g["lr"] == sel["lr"]]
+    return f"{100 * (max(accs) - min(accs)):.1f}" if len(accs) > 1 else "-"
+
+
 def table(name: str, res: dict[str, Any]) -> str:
     """One folder's methods and comparisons as markdown."""
     cfg = res["config"]
@@ -76,8 +86,8 @@ def table(name: str, res: dict[str, Any]) -> str:
         f"{'tuned' if cfg['tune'] else 'not tuned'}.",
         "",
         "| method | selected on validation | test acc. (%) | 95% CI | val. acc. (%) | s/epoch "
-        "| runs above chance |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| runs above chance | spread at its lr |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in res["summary"]:
         m = res["methods"][row["method"]]
@@ -85,7 +95,8 @@ def table(name: str, res: dict[str, Any]) -> str:
             f"| {row['method']} | {_selected(m['selected']) if m.get('selected') else row['label']} "
             f"| {_pct(row['test_acc_mean'])} ± {_pct(row['test_acc_std'])} "
             f"| [{_pct(row['test_acc_ci95_lo'])}, {_pct(row['test_acc_ci95_hi'])}] "
-            f"| {_pct(row['val_acc_mean'])} | {row['sec_per_epoch']:.3f} | {_above_chance(m)} |"
+            f"| {_pct(row['val_acc_mean'])} | {row['sec_per_epoch']:.3f} | {_above_chance(m)} "
+            f"| {_spread(m)} |"
         )
     comps = res["comparisons"]
     if comps:
