@@ -330,3 +330,8 @@ def test_five_seeds_print_a_verdict_line(
     # five seeds: the smallest exact two-sided p is 2/32 > 0.05, so nothing can be significant
     assert verdict[0] == "verdict: no significant difference in 3 comparison(s) (Holm, alpha 0.05)"
     assert out.count(" vs ") + out.count(" than ") == 3
+    # after the verdict, where the credible test of the claim is (docs/results.md)
+    lines = out.splitlines()
+    after = lines[lines.index(verdict[0]) + 1]
+    assert after.startswith("the study of the paper's claim") and "docs/results.md" in after
+    assert lines[-1].startswith("results: ")

@@ -87,6 +87,12 @@ _RESULT_FILES = (
     "conditioning.png",
 )
 
+STUDY_POINTER = (
+    "the study of the paper's claim (tuned on validation, 10 seeds, paired statistics, deep "
+    "plain networks): docs/results.md in the aon_func repository"
+)
+"""What ``compare`` prints after its verdict: where the credible test is."""
+
 EXTRA = "experiments"
 """The extra that ``compare`` and ``train`` need: ``pip install "aon-func[experiments]"``."""
 
@@ -1011,6 +1017,8 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
     print(text_table(rows))
     for line in comparison_lines(payload["comparisons"], args.seeds, len(methods)):
         print(line)
+    if args.command == "compare":
+        print(STUDY_POINTER)
     print(f"results: {out / 'results.md'} (also results.json, results.csv, {', '.join(plots)})")
     return 0
 
