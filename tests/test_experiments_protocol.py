@@ -333,5 +333,6 @@ def test_five_seeds_print_a_verdict_line(
     # after the verdict, where the credible test of the claim is (docs/results.md)
     lines = out.splitlines()
     after = lines[lines.index(verdict[0]) + 1]
-    assert after.startswith("the study of the paper's claim") and "docs/results.md" in after
+    assert after.startswith("the study of the paper's claim")
+    assert "docs/results.md" in after
     assert lines[-1].startswith("results: ")
