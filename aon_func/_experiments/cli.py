@@ -479,17 +479,26 @@ def register(sub: Any) -> None:
     report.set_defaults(func=_run_report, command="report")
 
 
-def _run_approx(args: argparse.Namespace) -> int:
+def _folder_refusal(command: str, folder: Path, *, label: str = "") -> int | None:
+    """The exit status of ``approx``/``jacobian``/``report`` refusing ``folder`` in one line (1:
+    the extra is missing; 2: no ``results.json``), or ``None`` when it can go on."""
     missing = missing_extra()
     if missing:
         _err(
-            f"approx needs the {EXTRA} extra ({', '.join(missing)} not installed): "
+            f"{command} needs the {EXTRA} extra ({', '.join(missing)} not installed): "
             f'pip install "aon-func[{EXTRA}]"'
         )
         return 1
-    if not (args.folder / "results.json").is_file():
-        _err(f"{args.folder}: no results.json (give the --out folder of compare or train)")
+    if not (folder / "results.json").is_file():
+        _err(f"{label}{folder}: no results.json (give the --out folder of compare or train)")
         return 2
+    return None
+
+
+def _run_approx(args: argparse.Namespace) -> int:
+    refused = _folder_refusal("approx", args.folder)
+    if refused is not None:
+        return refused
     if args.max_order < 0:
         _err(f"--max-order {args.max_order}: expected an order >= 0")
         return 2
@@ -507,16 +516,9 @@ def _run_approx(args: argparse.Namespace) -> int:
 
 def _run_jacobian(args: argparse.Namespace) -> int:
     """``aon-func jacobian DIR``: refuse in one line, or print (and write) the spectra."""
-    missing = missing_extra()
-    if missing:
-        _err(
-            f"jacobian needs the {EXTRA} extra ({', '.join(missing)} not installed): "
-            f'pip install "aon-func[{EXTRA}]"'
-        )
-        return 1
-    if not (args.folder / "results.json").is_file():
-        _err(f"{args.folder}: no results.json (give the --out folder of compare or train)")
-        return 2
+    refused = _folder_refusal("jacobian", args.folder)
+    if refused is not None:
+        return refused
     if args.n_inputs < 1:
         _err(f"--n-inputs {args.n_inputs}: expected at least 1 input")
         return 2
@@ -548,18 +550,11 @@ def _run_jacobian(args: argparse.Namespace) -> int:
 
 def _run_report(args: argparse.Namespace) -> int:
     """``aon-func report DIR [--out OUT]``: refuse in one line, or render ``DIR/results.json``."""
-    missing = missing_extra()
-    if missing:
-        _err(
-            f"report needs the {EXTRA} extra ({', '.join(missing)} not installed): "
-            f'pip install "aon-func[{EXTRA}]"'
-        )
-        return 1
     folder: Path = args.folder
+    refused = _folder_refusal("report", folder, label="DIR ")
+    if refused is not None:
+        return refused
     source = folder / "results.json"
-    if not source.is_file():
-        _err(f"DIR {folder}: no results.json (give the --out folder of compare or train)")
-        return 2
     try:
         payload = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
