@@ -44,13 +44,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _selected(sel: dict[str, Any]) -> str:
-    bits = [sel["method"], f"lr {sel['lr']:g}"]
-    if "normalise_head" in sel:
-        bits.append("head normalised" if sel["normalise_head"] else "head free")
-    return ", ".join(bits)
-
-
 CHANCE = 0.2
 """Validation accuracy above which a run counts as having left chance level (twice the
 10-class chance; every data set of the study has 10 classes)."""
@@ -92,7 +85,7 @@ def table(name: str, res: dict[str, Any]) -> str:
     for row in res["summary"]:
         m = res["methods"][row["method"]]
         lines.append(
-            f"| {row['method']} | {_selected(m['selected']) if m.get('selected') else row['label']} "
+            f"| {row['method']} | {row['selected']} "
             f"| {_pct(row['test_acc_mean'])} ± {_pct(row['test_acc_std'])} "
             f"| [{_pct(row['test_acc_ci95_lo'])}, {_pct(row['test_acc_ci95_hi'])}] "
             f"| {_pct(row['val_acc_mean'])} | {row['sec_per_epoch']:.3f} | {_above_chance(m)} "
