@@ -49,10 +49,11 @@ class CostModel(NamedTuple):
 
 
 COSTS: dict[str, CostModel] = {
-    # Fitted on the project's 2-core CPU (scripts/fit_cost_model.py): a call of
-    # the batched kernel costs about 0.15 ms of dispatch and small ops, a
-    # float32 FLOP 1 / (75 GFLOP/s), a byte stacked about 1 / (4 GB/s).
-    "cpu": CostModel(per_call=1.5e-4, per_flop=1.0 / 75e9, per_byte=1.0 / 4e9),
+    # Fitted on the project's 2-core CPU, otherwise idle (scripts/fit_cost_model.py,
+    # median relative error 0.13): a call of the batched kernel costs about 0.29 ms
+    # of dispatch and small ops, a float32 FLOP 1 / (260 GFLOP/s), a byte stacked
+    # about 1 / (3.6 GB/s).
+    "cpu": CostModel(per_call=2.9e-4, per_flop=1.0 / 260e9, per_byte=1.0 / 3.6e9),
     # Accelerators (CUDA, and the meta device that stands in for one): a kernel
     # call issues about 50 launches at about 6 us each, float32 runs at about
     # 50 TFLOP/s and copies at about 3 TB/s (an H200's published figures, derated).
