@@ -18,8 +18,10 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from aon_func import AON
 from aon_func._bench._suite import (
@@ -30,6 +32,7 @@ from aon_func._bench._suite import (
     roofline_products,
 )
 from aon_func._bench._timing import time_interleaved
+from aon_func._layout import Layout
 
 
 def load_other(checkout: Path, alias: str = "aon_func_other") -> ModuleType:
@@ -46,18 +49,46 @@ def load_other(checkout: Path, alias: str = "aon_func_other") -> ModuleType:
     return module
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, **extra: Any) -> argparse.Namespace:
+    """The options both side-by-side scripts take (``extra``: more, name to ``add_argument`` kwargs)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("checkout", type=Path, help="the other version's checkout")
     ap.add_argument("--models", default="mlp,resnet18,resnet50,vit_s16")
     ap.add_argument("--order", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--budget", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    for name, kwargs in extra.items():
+        ap.add_argument(f"--{name}", **kwargs)
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    return args
+
+
+class Pair(NamedTuple):
+    """One model's weights and the two versions' transforms over them."""
+
+    params: dict[str, Tensor]
+    layouts: dict[str, Layout]
+    this: AON
+    other: Any
+    state: dict[str, Tensor]
+    inputs: list[Tensor]
+
+
+def pair(name: str, other: ModuleType, order: int) -> Pair:
+    """Model ``name``'s weights, ``AON(order=order)`` of this checkout and of ``other``, one state."""
+    params, out_axes, layouts = _model_params(name, torch.device("cpu"), torch.float32)
+    include = frozenset(params)
+    new = AON(include=include, out_axes=out_axes, order=order)
+    old = other.AON(include=include, out_axes=out_axes, order=order)
+    state = new.init(params, generator=torch.Generator().manual_seed(0))
+    return Pair(params, layouts, new, old, state, list(params.values()))
+
+
+def main() -> None:
+    args = parse_args(__doc__, clock={"choices": ("wall", "cpu"), "default": "wall"})
     other = load_other(args.checkout)
     device = torch.device("cpu")
     print(
@@ -70,12 +101,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
-        params, out_axes, layouts = _model_params(name, device, torch.float32)
-        include = frozenset(params)
-        new = AON(include=include, out_axes=out_axes, order=args.order)
-        old = other.AON(include=include, out_axes=out_axes, order=args.order)
-        state = new.init(params, generator=torch.Generator().manual_seed(0))
-        inputs = list(params.values())
+        params, layouts, new, old, state, inputs = pair(name, other, args.order)
         fns = {}
         for key, tr in (("this", new), ("other", old)):
             fwd = _weights_of(tr.apply, params, state)

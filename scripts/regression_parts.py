@@ -22,18 +22,15 @@ regression against v0.1 is made of. For example:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from compare_versions import load_other
+from compare_versions import load_other, pair, parse_args
 from torch import Tensor
 
 import aon_func._kernel as kernel
-from aon_func import AON
-from aon_func._bench._suite import _fwd_bwd, _model_params, _weights_of
+from aon_func._bench._suite import _fwd_bwd, _weights_of
 from aon_func._bench._timing import time_interleaved
 
 VARIANTS = {
@@ -70,16 +67,7 @@ def _with(parts: tuple[str, ...], fn: Callable[[], object]) -> Callable[[], obje
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkout", type=Path, help="the other version's checkout")
-    ap.add_argument("--models", default="mlp,resnet18,resnet50,vit_s16")
-    ap.add_argument("--order", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--budget", type=float, default=60.0)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
     other = load_other(args.checkout)
     device = torch.device("cpu")
     print(
@@ -90,12 +78,7 @@ def main() -> None:
     print(f"| shapes | {head} | rounds |")
     print("|---|" + "---:|" * (2 * len(VARIANTS)) + "---:|")
     for name in args.models.split(","):
-        params, out_axes, _ = _model_params(name, device, torch.float32)
-        include = frozenset(params)
-        new = AON(include=include, out_axes=out_axes, order=args.order)
-        old = other.AON(include=include, out_axes=out_axes, order=args.order)
-        state = new.init(params, generator=torch.Generator().manual_seed(0))
-        inputs = list(params.values())
+        params, _, new, old, state, inputs = pair(name, other, args.order)
         fwd_old = _weights_of(old.apply, params, state)
         fns: dict[str, Callable[[], object]] = {
             "other/fwd": fwd_old,
