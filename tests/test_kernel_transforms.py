@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwad
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
@@ -335,3 +336,51 @@ def test_compute_dtype_override(device: torch.device) -> None:
     h64, u64 = aon(w.to(F64), order=3)
     assert torch.equal(h, h64.to(torch.float32))
     assert torch.equal(u, u64)
+
+
+# ----------------------------------------------------------------------------- the direct apply
+
+
+def _derivatives(w: Tensor, u: Tensor, t: Tensor) -> list[Tensor]:
+    """Values, a gradient, a grad-of-grad and a forward-mode derivative of the kernel at ``w``."""
+    w = w.detach().requires_grad_()
+    h, u_new = aon(w, u, order=3)
+    (g,) = torch.autograd.grad((h * t).sum(), w, create_graph=True)
+    (gg,) = torch.autograd.grad((g * g).sum(), w)
+    with fwad.dual_level():
+        hd, _ = aon(fwad.make_dual(w.detach(), t), u, order=3)
+        tangent = fwad.unpack_dual(hd).tangent
+    return [h.detach(), u_new, g.detach(), gg, tangent]
+
+
+def test_direct_apply_equals_function_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Eager code calls the autograd Functions' C++ apply without torch's Python wrapper
+    # (_kernel._call); it must be the same computation, bit for bit, at every order.
+    import aon_func._kernel as kernel
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 10, generator=g, dtype=F64)
+    u = torch.randn(6, generator=g, dtype=F64)
+    t = torch.randn(6, 10, generator=g, dtype=F64)
+    wrapper_calls: list[object] = []
+    is_defined = torch.autograd.function._is_setup_context_defined
+
+    def counted(fn: object) -> bool:
+        wrapper_calls.append(fn)
+        return is_defined(fn)
+
+    monkeypatch.setattr(torch.autograd.function, "_is_setup_context_defined", counted)
+    direct = _derivatives(w, u, t)
+    assert not wrapper_calls  # torch's Python wrapper did not run
+    calls: list[str] = []
+
+    def wrapped(fn: type[torch.autograd.Function], *args: object) -> object:
+        calls.append(fn.__name__)
+        return fn.apply(*args)
+
+    monkeypatch.setattr(kernel, "_call", wrapped)
+    through_apply = _derivatives(w, u, t)
+    assert {"_GramZvFwd", "_ScaledMmFwd", "_GramZvGradFwd"} <= set(calls)
+    assert wrapper_calls  # and here it did
+    for a, b in zip(direct, through_apply, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
