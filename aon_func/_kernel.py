@@ -156,11 +156,14 @@ def prescale(z: Tensor) -> Tensor:
     entries still propagate.
     """
     with torch.no_grad():
-        if z.device.type == "cpu":  # the inf-norm kernel is 20x slower there than abs + amax
-            a = z.abs().amax(dim=(-2, -1), keepdim=True)
+        if z.device.type == "cpu":
+            # The inf-norm kernel is 20x slower there; amax and amin read Z without
+            # writing |Z| (NaN propagates through both and through maximum).
+            d = (-2, -1)
+            a = torch.maximum(z.amax(dim=d, keepdim=True), z.amin(dim=d, keepdim=True).neg_())
         else:
             a = torch.linalg.vector_norm(z, ord=math.inf, dim=(-2, -1), keepdim=True)
-        inv = a.reciprocal().nan_to_num(nan=0.0, posinf=0.0)
+        inv = a.reciprocal().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # -0.0 from amin
     return z * inv
 
 
