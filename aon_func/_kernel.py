@@ -146,7 +146,7 @@ def start_vector(k: int, dtype: torch.dtype, device: torch.device | str) -> Tens
 
 
 def prescale(z: Tensor) -> Tensor:
-    """``Z / max_ij |Z_ij|`` per matrix, the scale a constant for autograd; the zero matrix stays 0.
+    """``Z / max_ij |Z_ij|`` per matrix, the scale a constant for autograd (both modes); ``0`` stays 0.
 
     Every map here is scale-invariant, so this changes neither the output
     nor its derivative, and keeps ``Z Z^T`` and the norms in range for any
@@ -156,13 +156,15 @@ def prescale(z: Tensor) -> Tensor:
     entries still propagate.
     """
     with torch.no_grad():
+        # no_grad leaves forward-mode AD on; detach makes the scale a constant there too.
+        zd = z.detach()
         if z.device.type == "cpu":
             # The inf-norm kernel is 20x slower there; amax and amin read Z without
             # writing |Z| (NaN propagates through both and through maximum).
             d = (-2, -1)
-            a = torch.maximum(z.amax(dim=d, keepdim=True), z.amin(dim=d, keepdim=True).neg_())
+            a = torch.maximum(zd.amax(dim=d, keepdim=True), zd.amin(dim=d, keepdim=True).neg_())
         else:
-            a = torch.linalg.vector_norm(z, ord=math.inf, dim=(-2, -1), keepdim=True)
+            a = torch.linalg.vector_norm(zd, ord=math.inf, dim=(-2, -1), keepdim=True)
         inv = a.reciprocal().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # -0.0 from amin
     return z * inv
 
@@ -268,18 +270,17 @@ def _call(fn: type[torch.autograd.Function], *args: Any) -> Any:
     outside ``torch.func`` transforms and ``torch.compile`` this does the
     last two steps only; inside them it calls ``fn.apply``.
     """
-    if (
-        _unwrap_dead is None
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-    ):
+    if _unwrap_dead is None or torch.compiler.is_compiling() or _transforms_active():
         return fn.apply(*args)  # type: ignore[no-untyped-call]
     return super(torch.autograd.Function, fn).apply(*_unwrap_dead(args))  # type: ignore[misc]
 
 
-try:  # what Function.apply does before the C++ apply (torch >= 2.1)
+try:  # what Function.apply does before the C++ apply (torch >= 2.1; tests/test_kernel_transforms.py
+    # pins the names that Function.apply uses, so a torch that adds a step fails there)
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
-except ImportError:  # pragma: no cover - other torch versions take Function.apply
+
+    _transforms_active = torch._C._are_functorch_transforms_active
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions take Function.apply
     _unwrap_dead = None  # type: ignore[assignment]
 
 

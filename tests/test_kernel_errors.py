@@ -298,6 +298,32 @@ def test_zero_weight_gradient_is_zero(sign: str, order: int, device: torch.devic
     assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_zero_weight_forward_mode_derivative_is_zero(order: int) -> None:
+    # torch.no_grad() does not stop forward-mode AD: the prescaling's factor must be
+    # a constant there too, or its reciprocal's derivative at 0 turns the tangent NaN.
+    w = torch.zeros(3, 4, dtype=F64)
+    _, tangent = torch.func.jvp(lambda x: aon(x, order=order)[0], (w,), (torch.ones_like(w),))
+    assert torch.equal(tangent, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forward_and_reverse_mode_agree_with_a_tied_largest_entry(order: int) -> None:
+    # +1 and -1 entries tie for the largest |entry|, and u is orthogonal to the top
+    # singular vector (sigma at its floor, h not scale-invariant to first order):
+    # jvp and the reverse-mode Jacobian must still give the same derivative.
+    w = torch.tensor([[1.0, 1.0, -1.0], [-1.0, 1.0, 1.0]], dtype=F64)
+    u = torch.linalg.svd(w)[0][:, 1]  # the second left singular vector
+    t = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return aon(x, u, order=order, n_power_iterations=0)[0]
+
+    _, forward = torch.func.jvp(f, (w,), (t,))
+    reverse = torch.einsum("abij,ij->ab", torch.func.jacrev(f)(w), t)
+    torch.testing.assert_close(forward, reverse, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- NaN / Inf policy
 
 

@@ -384,3 +384,26 @@ def test_direct_apply_equals_function_apply(monkeypatch: pytest.MonkeyPatch) -> 
     assert wrapper_calls  # and here it did
     for a, b in zip(direct, through_apply, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_function_apply_does_what_the_direct_call_assumes() -> None:
+    # _kernel._call skips torch.autograd.Function.apply's default-argument binding and
+    # does the rest itself (unwrap dead torch.func wrappers, then the C++ apply). If a
+    # torch release adds a step to Function.apply, the names it uses change: review _call.
+    code = torch.autograd.Function.apply.__func__.__code__
+    names = set(code.co_names)
+    for const in code.co_consts:
+        names |= set(getattr(const, "co_names", ()))
+    known = {
+        "_is_setup_context_defined", "setup_context", "forward", "torch", "_C",
+        "_are_functorch_transforms_active", "_functorch", "utils", "unwrap_dead_wrappers",
+        "super", "apply", "RuntimeError", "custom_function_call",
+        "inspect", "signature", "bind", "apply_defaults", "args", "kwargs",
+    }  # fmt: skip
+    assert names <= known, f"Function.apply uses new names: {sorted(names - known)}"
+    import aon_func._kernel as kernel
+
+    assert kernel._unwrap_dead is not None  # the direct call is in use on this torch
+    for fn in (kernel._GramZvFwd, kernel._ScaledMmFwd, kernel._GramZvGradFwd):
+        defaults = fn.forward.__defaults__
+        assert not defaults, f"{fn.__name__}.forward has default arguments: _call skips them"
