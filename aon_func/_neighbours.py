@@ -29,9 +29,13 @@ def _cutoff(z: Tensor) -> float:
 
 
 def _polar_forward(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    # The SVD raises on NaN or Inf entries (which the prescaling turns into NaN): it runs
+    # on their zeros instead, and 0 * sum(Z), NaN for such a matrix, puts NaN in its output,
+    # as the other maps propagate non-finite weights.
+    u, s, vh = torch.linalg.svd(z.nan_to_num(0.0, 0.0, 0.0), full_matrices=False)
     d = s / s.clamp_min(_cutoff(z))  # 1 for every singular value above the cutoff, 0 for s = 0
-    return (u * d.unsqueeze(-2)) @ vh, u, s, vh
+    nan = z.sum(dim=(-2, -1), keepdim=True) * 0.0
+    return (u * d.unsqueeze(-2)) @ vh + nan, u, s, vh
 
 
 class _Polar(torch.autograd.Function):

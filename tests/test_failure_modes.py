@@ -470,3 +470,30 @@ def test_every_transform_is_scale_invariant_and_maps_zero_to_zero(
         return
     ref = tr.apply(params, state)[0]["weight"]
     torch.testing.assert_close(h.detach(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "tr",
+    [AON(order=0), AON(order=2), Polar(), ONI(iterations=5), NewtonSchulz(steps=5)],
+    ids=["sn", "aon-2", "polar", "oni", "ns"],
+)
+def test_every_transform_propagates_a_non_finite_weight(
+    tr: aon_func.WeightTransform, bad: float
+) -> None:
+    # docs/failure-modes.md, "Summary": NaN and Inf entries propagate to h (no exception,
+    # e.g. from the SVD), and a transform's state stays finite.
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "a.weight": torch.randn(4, 6, generator=g),
+        "b.weight": torch.randn(4, 6, generator=g),
+    }
+    state = tr.init(params)
+    params["a.weight"][1, 2] = bad
+    weights, new_state = tr.apply(params, state)
+    assert bool(torch.isnan(weights["a.weight"]).any())
+    assert bool(
+        torch.isfinite(weights["b.weight"]).all()
+    )  # its neighbour in the bucket is untouched
+    for u in new_state.values():
+        assert bool(torch.isfinite(u).all())
