@@ -46,6 +46,7 @@ __all__ = [
     "STATELESS_POWER_ITERATIONS",
     "aon",
     "aon_matrix",
+    "call_function",
     "check_matmul_dtype",
     "gram_iterations",
     "power_iterate",
@@ -259,16 +260,17 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b) if a.ndim == 3 and b.ndim == 3 else a @ b
 
 
-def _call(fn: type[torch.autograd.Function], *args: Any) -> Any:
+def call_function(fn: type[torch.autograd.Function], *args: Any) -> Any:
     """``fn.apply(*args)``, without binding default arguments, in plain eager code.
 
     ``torch.autograd.Function.apply`` binds ``forward``'s default arguments
     with ``inspect.signature`` on every call, then unwraps dead ``torch.func``
     wrappers and calls the C++ ``apply``; skipping the binding saved 14 us
     per call on small matrices and 50-100 us on 512x512 to 1024x1024 ones on
-    the project's CPU (docs/performance.md). The kernel's functions have no default arguments, so
-    outside ``torch.func`` transforms and ``torch.compile`` this does the
-    last two steps only; inside them it calls ``fn.apply``.
+    the project's CPU (docs/performance.md). The kernel's functions (and the
+    polar factor's) have no default arguments, so outside ``torch.func``
+    transforms and ``torch.compile`` this does the last two steps only;
+    inside them it calls ``fn.apply``.
     """
     if _unwrap_dead is None or torch.compiler.is_compiling() or _transforms_active():
         return fn.apply(*args)  # type: ignore[no-untyped-call]
@@ -376,7 +378,7 @@ class _GramZv(torch.autograd.Function):
         if dzv is None:
             dzv = torch.zeros_like(w)
         fn = _GramZvGrad if torch.compiler.is_compiling() else _GramZvGradFwd
-        grad: Tensor = _call(fn, dg, dzv, z, w)
+        grad: Tensor = call_function(fn, dg, dzv, z, w)
         return grad, None, None, None, None, None
 
 
@@ -434,7 +436,7 @@ def _gram_zv(
     z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = _GramZv if torch.compiler.is_compiling() else _GramZvFwd
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = _call(
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = call_function(
         fn, z, u, fallback, iterations, power, squared
     )
     return out
@@ -502,7 +504,7 @@ class _ScaledMmFwd(_ScaledMm):
 def _scaled_mm(p: Tensor, s: Tensor, z: Tensor) -> Tensor:
     """``(p * s) @ z`` in ``z``'s dtype, the result in ``p``'s, keeping only ``p``, ``s``, ``z``."""
     fn = _ScaledMm if torch.compiler.is_compiling() else _ScaledMmFwd
-    h: Tensor = _call(fn, p, s, z)
+    h: Tensor = call_function(fn, p, s, z)
     return h
 
 

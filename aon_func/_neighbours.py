@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._kernel import prescale
+from ._kernel import call_function, prescale
 
 __all__ = ["NS_COEFFICIENTS", "newton_schulz_matrix", "oni_matrix", "polar_matrix"]
 
@@ -99,7 +99,7 @@ def polar_matrix(z: Tensor) -> Tensor:
     if z.numel() == 0:
         return z * 1.0
     fn = _Polar if torch.compiler.is_compiling() else _PolarFwd
-    q: Tensor = fn.apply(prescale(z))[0]  # type: ignore[no-untyped-call]
+    q: Tensor = call_function(fn, prescale(z))[0]
     return q
 
 

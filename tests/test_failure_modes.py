@@ -492,8 +492,7 @@ def test_every_transform_propagates_a_non_finite_weight(
     params["a.weight"][1, 2] = bad
     weights, new_state = tr.apply(params, state)
     assert bool(torch.isnan(weights["a.weight"]).any())
-    assert bool(
-        torch.isfinite(weights["b.weight"]).all()
-    )  # its neighbour in the bucket is untouched
+    # Its neighbour in the same bucket is untouched.
+    assert bool(torch.isfinite(weights["b.weight"]).all())
     for u in new_state.values():
         assert bool(torch.isfinite(u).all())

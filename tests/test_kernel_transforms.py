@@ -24,6 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
+import aon_func._kernel as kernel
+import aon_func._neighbours as neighbours
 from aon_func import aon
 from aon_func._layout import layout_of, to_matrix
 
@@ -355,9 +357,7 @@ def _derivatives(w: Tensor, u: Tensor, t: Tensor) -> list[Tensor]:
 
 def test_direct_apply_equals_function_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     # Eager code calls the autograd Functions' C++ apply without torch's Python wrapper
-    # (_kernel._call); it must be the same computation, bit for bit, at every order.
-    import aon_func._kernel as kernel
-
+    # (_kernel.call_function); it must be the same computation, bit for bit, at every order.
     g = torch.Generator().manual_seed(5)
     w = torch.randn(6, 10, generator=g, dtype=F64)
     u = torch.randn(6, generator=g, dtype=F64)
@@ -378,7 +378,7 @@ def test_direct_apply_equals_function_apply(monkeypatch: pytest.MonkeyPatch) -> 
         calls.append(fn.__name__)
         return fn.apply(*args)
 
-    monkeypatch.setattr(kernel, "_call", wrapped)
+    monkeypatch.setattr(kernel, "call_function", wrapped)
     through_apply = _derivatives(w, u, t)
     assert {"_GramZvFwd", "_ScaledMmFwd", "_GramZvGradFwd"} <= set(calls)
     assert wrapper_calls  # and here it did
@@ -387,9 +387,9 @@ def test_direct_apply_equals_function_apply(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_function_apply_does_what_the_direct_call_assumes() -> None:
-    # _kernel._call skips torch.autograd.Function.apply's default-argument binding and
+    # _kernel.call_function skips torch.autograd.Function.apply's default-argument binding and
     # does the rest itself (unwrap dead torch.func wrappers, then the C++ apply). If a
-    # torch release adds a step to Function.apply, the names it uses change: review _call.
+    # torch release adds a step to Function.apply, the names it uses change: review call_function.
     code = torch.autograd.Function.apply.__func__.__code__
     names = set(code.co_names)
     for const in code.co_consts:
@@ -401,9 +401,10 @@ def test_function_apply_does_what_the_direct_call_assumes() -> None:
         "inspect", "signature", "bind", "apply_defaults", "args", "kwargs",
     }  # fmt: skip
     assert names <= known, f"Function.apply uses new names: {sorted(names - known)}"
-    import aon_func._kernel as kernel
-
     assert kernel._unwrap_dead is not None  # the direct call is in use on this torch
-    for fn in (kernel._GramZvFwd, kernel._ScaledMmFwd, kernel._GramZvGradFwd):
+    fns = (kernel._GramZvFwd, kernel._ScaledMmFwd, kernel._GramZvGradFwd, neighbours._PolarFwd)
+    for fn in fns:
         defaults = fn.forward.__defaults__
-        assert not defaults, f"{fn.__name__}.forward has default arguments: _call skips them"
+        assert not defaults, (
+            f"{fn.__name__}.forward has default arguments: call_function skips them"
+        )
