@@ -90,6 +90,7 @@ singular vectors) from dividing by a near-zero or negative estimate.
 """
 
 _RENORM_EVERY = 8  # power-iteration steps between two rescalings of the iterate
+_SCALE_ITERATE_K = 512  # CPU: from this k on, scale each iterate by 1 / ||M||_F instead of M
 
 
 MATMUL_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
@@ -190,8 +191,9 @@ def power_iterate(m: Tensor, u: Tensor, steps: int, fro: Tensor | None = None) -
 
     ``M`` (``(..., k, k)``, no gradient) is first divided by its Frobenius
     norm ``fro`` (computed when not given), so ``|M u| <= |u|`` and nothing
-    overflows; the iterate is rescaled every few steps, so nothing
-    underflows. Returns the unit result, or ``u`` itself where the iterate
+    overflows (on the CPU, for ``k >= 512``, each product is divided
+    instead: the same bound without a pass over ``M``); the iterate is
+    rescaled every few steps, so nothing underflows. Returns the unit result, or ``u`` itself where the iterate
     vanished or is not finite (zero or NaN weights: a bad step does not
     poison the state). AON runs it on a power of the Gram ``Z Z^T``
     (:func:`aon_matrix`, ``AON.init``), SRIP on ``Z Z^T - I``.
@@ -202,9 +204,14 @@ def power_iterate(m: Tensor, u: Tensor, steps: int, fro: Tensor | None = None) -
         if fro is None:
             fro = torch.linalg.vector_norm(m, dim=(-2, -1), keepdim=True)
         x = u
-        mn = m / fro
+        # On the CPU a pass over a large M costs more than scaling each iterate
+        # (docs/performance.md); elsewhere each scaling would be one more launch.
+        if m.device.type == "cpu" and m.shape[-1] >= _SCALE_ITERATE_K:
+            mn, inv = m, fro.reciprocal()
+        else:
+            mn, inv = m / fro, None
         for t in range(steps):
-            x = mn @ x
+            x = mn @ x if inv is None else (mn @ x) * inv
             if t % _RENORM_EVERY == _RENORM_EVERY - 1 and t != steps - 1:
                 x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
         n = torch.linalg.vector_norm(x, dim=-2, keepdim=True)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 import aon_func
 from aon_func import aon, certified_error, orthogonality_error, polar, singular_value_map
-from aon_func._kernel import start_vector, taylor_coefficients
+from aon_func._kernel import power_iterate, start_vector, taylor_coefficients
 from aon_func._layout import from_matrix, layout_of, to_matrix
 
 F64 = torch.float64
@@ -564,6 +564,25 @@ def test_zero_in_zero_out(
     assert h.dtype == dtype
     assert torch.equal(h, torch.zeros(shape, dtype=dtype))
     assert bool(torch.isfinite(u).all())
+
+
+@pytest.mark.parametrize("k", [64, 512])  # the CPU divides M below k = 512, each product from it
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_power_iteration_on_either_path_matches_float64(k: int, scale: float) -> None:
+    """Both ways of keeping the iterate bounded give the float64 iterate (the kernel prescales ``Z``)."""
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randn(k, k, generator=gen, dtype=F64)
+    m = a @ a.T
+    u = random_unit(k, 3, F64).unsqueeze(-1)
+    x = u
+    for _ in range(12):
+        x = m @ x
+        x = x / torch.linalg.vector_norm(x)
+    got = power_iterate((m * scale).float(), u.float(), 12)
+    torch.testing.assert_close(got.double(), x, atol=2e-5, rtol=0)
+    for bad in (0.0, float("nan"), float("inf")):  # a matrix without a direction keeps u
+        kept = power_iterate(torch.full((k, k), bad), u.float(), 12)
+        assert torch.equal(kept, u.float())
 
 
 # ----------------------------------------------------------------------------- 9. half precision
