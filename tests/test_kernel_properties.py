@@ -23,7 +23,12 @@ from torch import Tensor
 
 import aon_func
 from aon_func import aon, certified_error, orthogonality_error, polar, singular_value_map
-from aon_func._kernel import power_iterate, start_vector, taylor_coefficients
+from aon_func._kernel import (
+    _SCALE_ITERATE_K,
+    power_iterate,
+    start_vector,
+    taylor_coefficients,
+)
 from aon_func._layout import from_matrix, layout_of, to_matrix
 
 F64 = torch.float64
@@ -566,7 +571,8 @@ def test_zero_in_zero_out(
     assert bool(torch.isfinite(u).all())
 
 
-@pytest.mark.parametrize("k", [64, 512])  # the CPU divides M below k = 512, each product from it
+# The CPU divides M below _SCALE_ITERATE_K and each product from it: both paths, at the edge.
+@pytest.mark.parametrize("k", [_SCALE_ITERATE_K - 1, _SCALE_ITERATE_K])
 @pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
 def test_power_iteration_on_either_path_matches_float64(k: int, scale: float) -> None:
     """Both ways of keeping the iterate bounded give the float64 iterate (the kernel prescales ``Z``)."""
