@@ -18,6 +18,7 @@ regression against v0.1 is made of. For example:
 
     git worktree add ../aon-v0.1 fbf940d
     python scripts/regression_parts.py ../aon-v0.1 --threads 2
+    python scripts/regression_parts.py ../aon-v0.1 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ def _with(parts: tuple[str, ...], fn: Callable[[], object]) -> Callable[[], obje
 
 
 def main() -> None:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, clock={"choices": ("wall", "cpu"), "default": "wall"})
     other = load_other(args.checkout)
     device = torch.device("cpu")
     print(
         f"this checkout's variants vs {args.checkout}: K = {args.order}, "
-        f"{torch.get_num_threads()} threads, wall clock; this / other\n"
+        f"{torch.get_num_threads()} threads, {args.clock} clock; this / other\n"
     )
     head = " | ".join(f"{v} fwd | {v} fwd+bwd" for v in VARIANTS)
     print(f"| shapes | {head} | rounds |")
@@ -88,7 +89,9 @@ def main() -> None:
         for v, parts in VARIANTS.items():
             fns[f"{v}/fwd"] = _with(parts, fwd_new)
             fns[f"{v}/fwd+bwd"] = _with(parts, _fwd_bwd(fwd_new, inputs))
-        t = time_interleaved(fns, device, repeats=args.repeats, warmup=2, budget_s=args.budget)
+        t = time_interleaved(
+            fns, device, repeats=args.repeats, warmup=2, budget_s=args.budget, clock=args.clock
+        )
         cells = [
             f"{t.ratio(f'{v}/{mode}', f'other/{mode}'):.3f}"
             for v in VARIANTS
