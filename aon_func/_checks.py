@@ -18,6 +18,7 @@ __all__ = [
     "check_bool",
     "check_eps",
     "check_gain",
+    "check_generator",
     "check_nonneg_int",
     "check_out_axis",
     "check_u",
@@ -93,6 +94,15 @@ def check_gain(value: object, name: str, *, optional: bool = False) -> float:
     if not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return float(value)
+
+
+def check_generator(value: object) -> torch.Generator | None:
+    """``None`` or a ``torch.Generator``, else ``TypeError``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {value!r} ({type(value).__name__})"
+        )
+    return value
 
 
 def check_out_axis(out_axis: object, weight: Tensor, name: str = "weight") -> int:

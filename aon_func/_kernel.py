@@ -54,6 +54,7 @@ __all__ = [
     "repair_state",
     "start_vector",
     "taylor_coefficients",
+    "vmap_innermost",
 ]
 
 DEFAULT_ORDER = 1
@@ -284,6 +285,19 @@ def call_function(fn: type[torch.autograd.Function], *args: Any) -> Any:
     return super(torch.autograd.Function, fn).apply(*_unwrap_dead(args))  # type: ignore[misc]
 
 
+def vmap_innermost() -> bool:
+    """Whether the innermost active ``torch.func`` transform is ``vmap``.
+
+    A custom Function's ``jvp`` returns ``None`` for the outputs it marks
+    non-differentiable, except when torch's generated vmap rule calls it (forward
+    mode over ``vmap``): that rule asserts on ``None`` and needs zero tangents
+    (pytorch/pytorch#90067). ``tests/test_kernel_transforms.py`` runs both.
+    """
+    if _peek_interpreter is None or _peek_interpreter() is None:
+        return False
+    return bool(_current_interpreter().key() == _VMAP)
+
+
 try:  # what Function.apply does before the C++ apply (torch >= 2.1; tests/test_kernel_transforms.py
     # pins the names that Function.apply uses, so a torch that adds a step fails there)
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
@@ -291,6 +305,17 @@ try:  # what Function.apply does before the C++ apply (torch >= 2.1; tests/test_
     _transforms_active = torch._C._are_functorch_transforms_active
 except (ImportError, AttributeError):  # pragma: no cover - other torch versions take Function.apply
     _unwrap_dead = None  # type: ignore[assignment]
+
+try:  # the functorch interpreter stack (torch >= 2.1)
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter
+    from torch._functorch.pyfunctorch import (
+        retrieve_current_functorch_interpreter as _current_interpreter,
+    )
+
+    _VMAP = _TransformType.Vmap
+except (ImportError, AttributeError):  # pragma: no cover
+    _peek_interpreter = None  # type: ignore[assignment]
 
 
 # ----------------------------------------------------------------------------- Gram and Z v
@@ -393,13 +418,16 @@ class _GramZvFwd(_GramZv):
     """:class:`_GramZv` with forward-mode AD (``jvp``) for eager code."""
 
     @staticmethod
-    def jvp(ctx: Any, dz: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
+    def jvp(ctx: Any, dz: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         z, w, gram = ctx.saved_tensors
         a = _to(_mm(dz, z.mT), gram.dtype)
         dg = a + a.mT
         dg2 = dg @ gram + gram @ dg if ctx.squared else gram.new_empty(0)
         dzv = _to(dz @ (z.mT @ _to(w, z.dtype)), gram.dtype)
-        return dg, dg2, dzv, None, None, None
+        if not vmap_innermost():
+            return dg, dg2, dzv, None, None, None
+        zero = torch.zeros_like(w)
+        return dg, dg2, dzv, zero, zero, zero[..., :1, :]
 
 
 class _GramZvGrad(torch.autograd.Function):

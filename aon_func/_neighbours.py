@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._kernel import call_function, prescale
+from ._kernel import call_function, prescale, vmap_innermost
 
 __all__ = ["NS_COEFFICIENTS", "newton_schulz_matrix", "oni_matrix", "polar_matrix"]
 
@@ -81,13 +81,16 @@ class _PolarFwd(_Polar):
     """:class:`_Polar` with forward-mode AD (``jvp``) for eager code."""
 
     @staticmethod
-    def jvp(ctx: Any, dz: Tensor) -> tuple[Tensor, None, None, None]:
+    def jvp(ctx: Any, dz: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         u, s, vh = ctx.saved_tensors
         sc = s.clamp_min(ctx.cutoff)
         udz = u.mT @ dz
         x = udz @ vh.mT
         m = (x - x.mT) / (sc.unsqueeze(-1) + sc.unsqueeze(-2))
-        return u @ (m @ vh + (udz - x @ vh) / sc.unsqueeze(-1)), None, None, None
+        dh = u @ (m @ vh + (udz - x @ vh) / sc.unsqueeze(-1))
+        if not vmap_innermost():  # see aon_func._kernel.vmap_innermost
+            return dh, None, None, None
+        return dh, torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
 
 
 def polar_matrix(z: Tensor) -> Tensor:

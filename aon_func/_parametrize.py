@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from ._checks import check_gain, describe
+from ._checks import check_gain, compute_dtype_for, describe
 from ._select import parameter_aliases
 from ._transform import AON, State, WeightTransform, gain_key
 
@@ -81,13 +81,14 @@ class WeightParametrization(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> WeightParametrization:
         # ``module.half()`` / ``.to(torch.bfloat16)`` would cast ``u`` too, but the
-        # kernel keeps it in the compute dtype (float32 for half weights): keep
-        # its dtype and bits, and follow only a change of device.
+        # kernel keeps it in the compute dtype (float32 for half weights): cast it
+        # from its old value to that dtype (float32 bits are kept as they are).
         u = self.u
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         new = self.u
         if u is not None and new is not None and new.dtype != u.dtype and new.dtype in _HALF:
-            self.u = u.to(device=new.device)
+            cdtype = compute_dtype_for(new.dtype, self.transform.compute_dtype)
+            self.u = u.to(device=new.device, dtype=cdtype)
         return self
 
     def forward(self, weight: Tensor) -> Tensor:

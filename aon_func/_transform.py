@@ -24,6 +24,7 @@ from ._checks import (
     check_bool,
     check_eps,
     check_gain,
+    check_generator,
     check_nonneg_int,
     check_out_axis,
     check_u,
@@ -319,6 +320,7 @@ class WeightTransform:
 
         Stateless transforms return ``{}``; see :meth:`AON.init` for AON's.
         """
+        check_generator(generator)
         self.select(params)
         return {}
 
@@ -493,6 +495,11 @@ class WeightTransform:
             >>> sorted(aon_func.AON.for_module(lm, tied="normalise").include)
             ['emb.weight']
         """
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"module must be a torch.nn.Module, got {type(module).__name__}; for a dict of "
+                "parameters, construct the transform directly (AON(include=...))"
+            )
         if "include" in options:
             raise TypeError(
                 "for_module chooses include itself; pass exclude=[names] to leave weights out, "
@@ -597,6 +604,7 @@ class AON(WeightTransform):
         ``init`` is not possible (random draws under ``vmap``): init each
         member's parameters and stack the states, see ``docs/usage.md``.
         """
+        check_generator(generator)
         selected = self.select(params)
         state: State = {}
         with torch.no_grad():
@@ -610,12 +618,13 @@ class AON(WeightTransform):
                     dtype=cdtype,
                     device=generator.device if generator is not None else w.device,
                 ).to(w.device)
-                fallback = start_vector(k, cdtype, w.device).unsqueeze(-1)
-                u = repair_state(u.unsqueeze(-1), fallback)
+                if k > 0:  # a matrix with no rows has an empty state
+                    fallback = start_vector(k, cdtype, w.device).unsqueeze(-1)
+                    u = repair_state(u.unsqueeze(-1), fallback).squeeze(-1)
                 if k > 0 and layout.matrix_shape[1] > 0:
                     z = prescale(to_matrix(w.detach(), layout).to(cdtype))
-                    u = power_iterate(z @ z.mT, u, self.init_iterations)
-                state[name] = u.squeeze(-1).clone()
+                    u = power_iterate(z @ z.mT, u.unsqueeze(-1), self.init_iterations).squeeze(-1)
+                state[name] = u.clone()
         return state
 
 

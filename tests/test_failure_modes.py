@@ -431,6 +431,22 @@ def test_half_after_parametrize_keeps_the_state_in_float32(dtype: torch.dtype) -
     assert net(torch.randn(2, 6)).dtype == torch.float32
 
 
+def test_half_after_double_puts_the_state_in_float32() -> None:
+    """A float64 model's ``u`` is float64; after ``.half()`` the kernel wants float32."""
+    net = nn.Sequential(nn.Linear(4, 6)).double()
+    aon_func.parametrize(net, order=2, generator=torch.Generator().manual_seed(0))
+    u64 = next(m.u for m in net.modules() if isinstance(m, WeightParametrization))
+    assert u64 is not None
+    assert u64.dtype == F64
+    net.half()
+    out = net(torch.randn(2, 4, dtype=torch.float16))
+    assert out.dtype == torch.float16
+    assert bool(torch.isfinite(out).all())
+    u = next(m.u for m in net.modules() if isinstance(m, WeightParametrization))
+    assert u is not None
+    assert u.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- properties over scales
 
 ALL_TRANSFORMS = st.sampled_from(

@@ -386,3 +386,18 @@ def test_apply_state_none_and_gains_compile_without_graph_breaks(include: object
             for n in NORMALISED:
                 torch.testing.assert_close(w_c[n], w_e[n])
                 torch.testing.assert_close(s_c[n], s_e[n])
+
+
+@pytest.mark.parametrize("tr", [AON(order=2), AON(order=0), ONI(), Polar()], ids=repr)
+def test_a_layer_with_no_outputs_or_no_inputs(tr: aon_func.WeightTransform) -> None:
+    """Zero-size matrices: ``init``, ``apply`` and the adapter give empty states and weights."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0), nn.Linear(0, 3))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    state = tr.init(params)
+    weights, new = tr.apply(params, state)
+    for name in ("1.weight", "2.weight"):
+        assert weights[name].shape == params[name].shape
+        if isinstance(tr, AON):
+            assert state[name].shape == new[name].shape == (0,)
+    aon_func.parametrize(net, transform=tr)
+    assert net(torch.randn(2, 4)).shape == (2, 3)

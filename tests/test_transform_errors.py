@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from aon_func import AON, gain_key
+from aon_func import AON, ONI, gain_key
 
 
 def _params() -> dict[str, torch.Tensor]:
@@ -283,3 +283,12 @@ def test_an_include_name_that_a_tie_hides_gets_a_hint() -> None:
     params = dict(model.named_parameters())
     with pytest.raises(ValueError, match=r"\['head.weight'\] are not in params.*tied weight"):
         AON(include={"head.weight"}).apply(params)
+
+
+def test_generator_and_module_types_are_checked_at_the_boundary() -> None:
+    params = {"a.weight": torch.randn(3, 4)}
+    for tr in (AON(), ONI()):
+        with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got 3"):
+            tr.init(params, generator=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"module must be a torch.nn.Module, got dict"):
+        AON.for_module(params)  # type: ignore[arg-type]
