@@ -286,8 +286,55 @@ def test_resume_refuses_another_configuration(
     )
     err = capsys.readouterr().err
     assert rc == 2
-    assert "belongs to another run (differs in lr)" in err
+    assert "was started with other options (lr 0.01 there, 0.1 now)" in err
     assert err.count("\n") == 1
+
+
+def test_output_paths_are_checked_before_the_work(
+    quick: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = str(quick[0])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    missing = tmp_path / "nodir"
+    for argv, message in (
+        (["approx", folder, "--json", str(missing / "a.json")], "is not a writable folder"),
+        (["jacobian", folder, "--json", str(missing / "j.json")], "is not a writable folder"),
+        (["jacobian", folder, "--plot", str(afile / "j.png")], "is not a writable folder"),
+        (["report", folder, "--out", str(afile / "r")], "cannot create the folder"),
+        (["bench", "--quick", "--json", str(missing / "b.json")], "is not a folder"),
+        (["bench", "--quick", "--json", str(tmp_path)], "is a folder"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert err.count("\n") == 1, err
+    assert not missing.exists()
+
+
+def test_approx_skips_a_run_whose_checkpoint_is_gone(
+    quick: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As after ``--resume --extend``: the archived results name checkpoints trained on since."""
+    out = tmp_path / "out"
+    shutil.copytree(quick[0], out)
+    (out / "runs" / "aon-2" / "seed0.pt").unlink()
+    assert main(["approx", str(out), "--max-order", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "aon-func approx: aon-2 seed 0: checkpoint runs/aon-2/seed0.pt not found; skipped\n"
+    )
+
+
+def test_a_diverged_run_is_reported_not_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["compare", "--dataset", "digits", "--epochs", "1", "--seeds", "1", "--quiet"]
+    assert main([*argv, "--methods", "plain,soft", "--lr", "1e10", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(all_runs(res)) == 2
+    capsys.readouterr()
 
 
 # --------------------------------------------------------------------------- quiet and progress

@@ -288,3 +288,64 @@ def test_resume_of_a_folder_never_run_says_so_and_starts(
     err = capsys.readouterr().err
     assert err == f"aon-func: --resume: {out} holds no runs yet; starting them\n"
     assert (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "2", "--lr", "0.5"], "lr 0.01 there, 0.5 now"),
+        (["--epochs", "3", "--extend", "--batch-size", "7"], "batch_size 100 there, 7 now"),
+        (["--epochs", "2", "--tune", "--tune-seeds", "1"], "tune False there, True now"),
+    ],
+)
+@pytest.mark.usefixtures("no_data")
+def test_resume_with_other_options_is_refused_before_anything_is_written(
+    finished: Path,
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Mixing two configurations in one folder would misreport both; config.json stays as it was."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    rc = main([*SHORT, "--out", str(out), "--resume", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"aon-func: error: --resume: {out} was started with other options (")
+    assert message in err
+    assert err.count("\n") == 1
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "not a dict", "not json"])
+@pytest.mark.usefixtures("no_data")
+def test_resume_without_a_readable_config_is_refused(
+    finished: Path, damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    config = out / "config.json"
+    if damage == "missing":
+        config.unlink()
+    else:
+        config.write_text("[1]\n" if damage == "not a dict" else "{not json\n")
+    before = _files(out)
+    rc = main([*SHORT, "--epochs", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "config.json is missing or unreadable" in err
+    assert _files(out) == before
+
+
+def test_out_dot_with_results_goes_beside_it(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "here"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    monkeypatch.chdir(out)
+    assert main([*SHORT, "--epochs", "1", "--out", "."]) == 0
+    assert _files(out) == before
+    assert (tmp_path / "here-2" / "results.json").is_file()

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,12 +56,27 @@ def _names(value: str, known: dict[str, Any]) -> list[str]:
 
 def _at_least(low: int) -> Any:
     def parse(value: str) -> int:
-        n = int(value)
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {low}, got {value!r}"
+            ) from None
         if n < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
         return n
 
     return parse
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value!r}")
+    return x
 
 
 def _devices(choice: str) -> list[torch.device]:
@@ -111,7 +129,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--budget",
-        type=float,
+        type=_positive_seconds,
         default=25.0,
         help="seconds per table after which rounds stop (at least 3 rounds, 2 for the "
         "neighbours; default: 25)",
@@ -151,7 +169,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also profile AON.apply forward+backward (torch.profiler, self CPU time per op)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads first")
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -174,6 +192,12 @@ def register(sub: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.json:
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            what = "is a folder" if target.is_dir() else f"{target.parent} is not a folder"
+            print(f"aon-func bench: --json {args.json}: {what} (give a file path)", file=sys.stderr)
+            return 2
     if args.quick:
         args.models, args.steps = ["tiny"], ["tiny"]
         args.repeats, args.warmup = 3, 1

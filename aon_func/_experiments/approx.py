@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,15 @@ def from_results(folder: Path, orders: Iterable[int] = range(17)) -> list[dict[s
         concrete = run["config"]["method"]
         if not re.fullmatch(r"aon-[1-9]\d*(@\d+)?", concrete) or "checkpoint" not in run:
             continue
-        params = load_checkpoint(folder / run["checkpoint"])["params"]
+        path = folder / run["checkpoint"]
+        if not path.is_file():  # e.g. an --extend archive, whose runs were trained on
+            print(
+                f"aon-func approx: {name} seed {run['seed']}: checkpoint {run['checkpoint']} "
+                "not found; skipped",
+                file=sys.stderr,
+            )
+            continue
+        params = load_checkpoint(path)["params"]
         for layer in sorted(run["ortho_error_per_layer"]):
             out.append(
                 {

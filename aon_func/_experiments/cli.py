@@ -46,7 +46,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +495,20 @@ def _folder_refusal(command: str, folder: Path, *, label: str = "") -> int | Non
     return None
 
 
+def _new_file_refusal(flag: str, path: Path | None) -> bool:
+    """Refuse (one line, ``True``) an output file that exists or whose folder cannot take it."""
+    if path is None:
+        return False
+    if path.exists():
+        _err(f"{flag} {path} exists: give a new file (results are never overwritten)")
+        return True
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        _err(f"{flag} {path}: {parent} is not a writable folder (create it, or give another path)")
+        return True
+    return False
+
+
 def _run_approx(args: argparse.Namespace) -> int:
     refused = _folder_refusal("approx", args.folder)
     if refused is not None:
@@ -502,8 +516,7 @@ def _run_approx(args: argparse.Namespace) -> int:
     if args.max_order < 0:
         _err(f"--max-order {args.max_order}: expected an order >= 0")
         return 2
-    if args.json is not None and args.json.exists():
-        _err(f"--json {args.json} exists: give a new file (results are never overwritten)")
+    if _new_file_refusal("--json", args.json):
         return 2
     from .approx import from_results, markdown
 
@@ -522,10 +535,8 @@ def _run_jacobian(args: argparse.Namespace) -> int:
     if args.n_inputs < 1:
         _err(f"--n-inputs {args.n_inputs}: expected at least 1 input")
         return 2
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and path.exists():
-            _err(f"{flag} {path} exists: give a new file (results are never overwritten)")
-            return 2
+    if _new_file_refusal("--json", args.json) or _new_file_refusal("--plot", args.plot):
+        return 2
     from .data import DataError
     from .jacobian import from_results, markdown, plot
 
@@ -584,7 +595,11 @@ def _run_report(args: argparse.Namespace) -> int:
         what = what.splitlines()[0] if what else type(exc).__name__
         _err(f"DIR {folder}: results.json is not one that compare or train writes ({what})")
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _err(f"--out {out}: cannot create the folder ({exc.strerror or exc})")
+        return 2
     write_results(out, payload, write_json=False)
     names = [p.name for p in _payload_plots(out, payload)]
     print(text_table(rows))
@@ -644,6 +659,10 @@ def _claim_out(out: Path, resume: bool) -> Path:
     """The folder to write into: ``out``, or with existing results and no resume, beside it."""
     if resume or not _has_results(out):
         return out
+    if not out.name:  # "." or "..": name the folder beside it from its full path
+        out = out.resolve()
+    if not out.name:
+        raise UsageError(f"--out {out} already holds results: give a folder of its own")
     i = 2
     while _has_results(out.with_name(f"{out.name}-{i}")):
         i += 1
@@ -726,8 +745,38 @@ def _check_resume_covers(out: Path, methods: list[str], seeds: int) -> None:
         )
 
 
+# What a folder's runs depend on besides their methods, seeds and epochs: a --resume with
+# another value would mix runs of two configurations (checked before anything is written).
+_IDENTITY = (
+    "command", "dataset", "model", "depth", "width", "activation", "tune", "tune_seeds",
+    "grid", "batch_size", "lr", "normalise_head", "gain", "gain_init", "train_size",
+    "val_fraction", "default_order",
+)  # fmt: skip
+
+
+def _check_resume_identity(out: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a ``--resume`` of ``out`` with other options than it was started with."""
+    stored = _stored_config(out)
+    if not stored:
+        raise UsageError(
+            f"--resume: {out / 'config.json'} is missing or unreadable, so the options {out} was "
+            "started with are unknown; its files are left as they are: use another --out"
+        )
+    new = json.loads(json.dumps({k: config[k] for k in _IDENTITY}))
+    differ = [k for k in _IDENTITY if k in stored and stored[k] != new[k]]
+    if differ:
+        what = "; ".join(f"{k} {stored[k]!r} there, {new[k]!r} now" for k in differ)
+        raise UsageError(
+            f"--resume: {out} was started with other options ({what}); resume it with the "
+            "options it was started with, or use another --out (its files are left as they are)"
+        )
+
+
 def _check_resume(
-    args: argparse.Namespace, out: Path, methods: list[str] | None = None
+    args: argparse.Namespace,
+    out: Path,
+    methods: list[str] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> int | None:
     """Check ``--resume``/``--extend`` against folder ``out``; the epochs to extend from, if any."""
     if args.extend and not args.resume:
@@ -737,6 +786,8 @@ def _check_resume(
     if not _has_results(out):
         print(f"aon-func: --resume: {out} holds no runs yet; starting them", file=sys.stderr)
         return None
+    if config is not None:
+        _check_resume_identity(out, config)
     if methods is not None:
         _check_resume_covers(out, methods, args.seeds)
     stored = _stored_epochs(out)
@@ -859,21 +910,6 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
         orders=args.tune_orders,
         scales=args.tune_scales,
     )
-    out = _claim_out(args.out or Path("runs") / args.command, args.resume)
-    created = _make_out(out)
-    try:
-        extend_from = _check_resume(args, out, [m.name for m in methods])
-        data = subsample(load_dataset(args.dataset, args.data_dir), args.train_size)
-    except BaseException:
-        _remove_empty(created)
-        raise
-    if extend_from is not None:
-        moved = _archive_results(out, extend_from)
-        print(
-            f"aon-func: --extend: the {extend_from}-epoch results of {out} are now in {moved}",
-            file=sys.stderr,
-        )
-    sizes = split_validation(data, args.val_fraction, 0).sizes()
     tune_seeds = list(range(args.tune_seeds)) if args.tune else []
     eval_seeds = list(range(len(tune_seeds), len(tune_seeds) + args.seeds))
     scale = Scale(args.normalise_head, args.gain, args.gain_init)
@@ -916,6 +952,23 @@ def _run_checked(args: argparse.Namespace, methods: list[Method]) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
     }
+    if args.extend and not args.resume:  # before a folder beside --out is chosen
+        raise UsageError("--extend trains the runs of a folder on: use it with --resume")
+    out = _claim_out(args.out or Path("runs") / args.command, args.resume)
+    created = _make_out(out)
+    try:
+        extend_from = _check_resume(args, out, [m.name for m in methods], config)
+        data = subsample(load_dataset(args.dataset, args.data_dir), args.train_size)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    if extend_from is not None:
+        moved = _archive_results(out, extend_from)
+        print(
+            f"aon-func: --extend: the {extend_from}-epoch results of {out} are now in {moved}",
+            file=sys.stderr,
+        )
+    sizes = split_validation(data, args.val_fraction, 0).sizes()
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
 
     plans = {m.name: grid(m, tune) if args.tune else [_fixed_point(m, args)] for m in methods}

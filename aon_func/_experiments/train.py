@@ -266,8 +266,9 @@ class _Run:
             n: float(orthogonality_error(weights[n], out_axis=a)) for n, a in self.layers.items()
         }
         w = weights[self.probe]
-        z = w.reshape(w.shape[0], -1)
-        spectrum = [float(s) for s in torch.linalg.svdvals(z.cpu().double())]
+        z = w.reshape(w.shape[0], -1).cpu().double()
+        finite = bool(torch.isfinite(z).all())  # a diverged run: NaN, not an SVD error
+        spectrum = [float(s) for s in torch.linalg.svdvals(z)] if finite else [math.nan]
         return sum(errors.values()) / len(errors), errors, spectrum
 
     @torch.no_grad()
@@ -275,12 +276,16 @@ class _Run:
         self, params: Params, tstate: dict[str, Tensor]
     ) -> dict[str, float | None]:
         """The condition number (largest / smallest singular value, short side) of each
-        selected layer's weight as the model uses it (``None`` for a singular one)."""
+        selected layer's weight as the model uses it (``None`` for a singular one, or one
+        with non-finite entries: a diverged run is reported, not stopped)."""
         weights, _ = self.weights(params, tstate, False)
         out: dict[str, float | None] = {}
         for n, a in self.layers.items():
-            w = weights[n].movedim(a, 0)
-            s = torch.linalg.svdvals(w.reshape(w.shape[0], -1).cpu().double())
+            w = weights[n].movedim(a, 0).reshape(weights[n].shape[a], -1).cpu().double()
+            if not bool(torch.isfinite(w).all()):
+                out[n] = None
+                continue
+            s = torch.linalg.svdvals(w)
             out[n] = float(s[0] / s[-1]) if float(s[-1]) > 0 else None
         return out
 
