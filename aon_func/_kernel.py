@@ -310,10 +310,13 @@ try:  # the functorch interpreter stack (torch >= 2.1)
     from torch._C._functorch import TransformType as _TransformType
     from torch._C._functorch import peek_interpreter_stack as _peek_interpreter
     from torch._functorch.pyfunctorch import (
+        retrieve_all_functorch_interpreters as _all_interpreters,
+    )
+    from torch._functorch.pyfunctorch import (
         retrieve_current_functorch_interpreter as _current_interpreter,
     )
 
-    _VMAP = _TransformType.Vmap
+    _VMAP, _JVP = _TransformType.Vmap, _TransformType.Jvp
 except (ImportError, AttributeError):  # pragma: no cover
     _peek_interpreter = None  # type: ignore[assignment]
 
@@ -327,10 +330,31 @@ def _gram_state(
     """``(G, G^2, Z v, u, w, floor)``.
 
     The Gram ``G = Z Z^T`` and, when ``squared``, ``G^2`` (else an empty
-    tensor); the state after ``iterations`` Gram steps (run as
-    ``iterations / power`` steps on ``G^power``); ``w = u / |Z^T u|``;
-    ``Z v = G w`` with ``v = Z^T w`` (no pass over ``Z`` but the product);
-    and the floor of ``sigma``.
+    tensor), then :func:`_iterate` on them. ``z`` may be in a narrower product
+    dtype than ``u`` (the compute dtype).
+    """
+    gram = _to(_mm(z, z.mT), u.dtype)
+    with torch.no_grad():
+        g2 = _mm_in(gram, gram, z.dtype) if squared or power >= 2 else gram.new_empty(0)
+        u, w, zv, floor = _iterate(gram, g2, z.dtype, u, fallback, iterations, power)
+    return gram, g2, zv, u, w, floor
+
+
+def _iterate(
+    gram: Tensor,
+    g2: Tensor,
+    pd: torch.dtype,
+    u: Tensor,
+    fallback: Tensor,
+    iterations: int,
+    power: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(u, w, Z v, floor)`` from the Gram (no gradient; ``pd`` the product dtype).
+
+    The state after ``iterations`` Gram steps (run as ``iterations / power``
+    steps on ``G^power``); ``w = u / |Z^T u|``; ``Z v = G w`` with
+    ``v = Z^T w`` (no pass over ``Z`` but the product); and the floor of
+    ``sigma``.
 
     The floor is ``max(sqrt(||G||_F^2 / tr G), 1) / 2``. Since
     ``sum s^4 / sum s^2 <= s_max^2`` and ``s_max >= 1`` after prescaling, it is
@@ -339,26 +363,35 @@ def _gram_state(
     (zero padding stays exact), and it keeps ``s_max / sigma <= 2 sqrt(k)``
     whatever ``u`` is, so ``h`` stays finite.
     """
-    cd = u.dtype  # the compute dtype; z may be in a narrower product dtype
-    gram = _to(_mm(z, z.mT), cd)
-    with torch.no_grad():
-        g2 = _mm_in(gram, gram, z.dtype) if squared or power >= 2 else gram.new_empty(0)
-        fro = torch.linalg.vector_norm(gram, dim=(-2, -1), keepdim=True)
-        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
-        # fmax: 0 * inf = NaN for the zero matrix gives the other operand, 1/2.
-        floor = torch.fmax(fro * (4.0 * trace).rsqrt(), torch.full_like(fro, 0.5))
-        u = repair_state(u, fallback)
-        if power == 1:
-            u = power_iterate(gram, u, iterations, fro)
-        elif power == 2:
-            u = power_iterate(g2, u, iterations // 2, fro * fro)
-        else:
-            u = power_iterate(g2 @ g2, u, iterations // 4, (fro * fro) ** 2)
-        gu = gram @ u
-        inv_n = (u.mT @ gu).rsqrt().nan_to_num(posinf=0.0)  # 1 / |Z^T u|, 0 for Z = 0
-        zv = gu * inv_n
-        w = u * inv_n
-    return gram, g2, zv, u, w, floor
+    fro = torch.linalg.vector_norm(gram, dim=(-2, -1), keepdim=True)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
+    # fmax: 0 * inf = NaN for the zero matrix gives the other operand, 1/2.
+    floor = torch.fmax(fro * (4.0 * trace).rsqrt(), torch.full_like(fro, 0.5))
+    u = repair_state(u, fallback)
+    if power == 1:
+        u = power_iterate(gram, u, iterations, fro)
+    elif power == 2:
+        u = power_iterate(g2, u, iterations // 2, fro * fro)
+    else:
+        u = power_iterate(g2 @ g2, u, iterations // 4, (fro * fro) ** 2)
+    gu = gram @ u
+    inv_n = (u.mT @ gu).rsqrt().nan_to_num(posinf=0.0)  # 1 / |Z^T u|, 0 for Z = 0
+    return u, u * inv_n, gu * inv_n, floor
+
+
+def _forward_mode() -> bool:
+    """Forward-mode AD is on: a ``torch.func`` ``jvp``/``jacfwd`` level or a dual level.
+
+    There the kernel runs plain differentiable ops instead of its custom
+    Functions, whose derivatives are first order only in forward mode (a
+    custom ``jvp`` is not differentiated again): ``jvp`` of ``jvp``,
+    ``jacfwd`` of ``jacfwd`` and ``jacrev`` of ``jacfwd`` are then right.
+    """
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if _peek_interpreter is None or _peek_interpreter() is None:
+        return False
+    return any(i.key() == _JVP for i in _all_interpreters())
 
 
 class _GramZv(torch.autograd.Function):
@@ -371,10 +404,9 @@ class _GramZv(torch.autograd.Function):
     ``D = dG + dG2 G + G dG2`` and ``w = u / n``. ``u`` and ``w`` are constants
     for autograd (the power iteration's); ``Z`` and ``G`` are saved (``G`` as an output, so the
     backward is differentiable: grad-of-grad); ``vmap`` uses the generated
-    rule. Dynamo cannot trace a custom ``jvp``, so compiled code uses this
-    class and eager code :class:`_GramZvFwd`, which adds forward mode. ``Z``
-    may be in a narrower product dtype (``matmul_dtype``) than ``u``: the
-    products run in ``Z``'s dtype, the Gram and all else in ``u``'s.
+    rule; forward mode runs :func:`_gram_zv_plain` instead (no ``jvp`` here).
+    ``Z`` may be in a narrower product dtype (``matmul_dtype``) than ``u``:
+    the products run in ``Z``'s dtype, the Gram and all else in ``u``'s.
     """
 
     generate_vmap_rule = True
@@ -393,7 +425,6 @@ class _GramZv(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.squared = inputs[5]
         ctx.save_for_backward(z, w, gram)
-        ctx.save_for_forward(z, w, gram)
 
     @staticmethod
     def backward(
@@ -409,25 +440,8 @@ class _GramZv(torch.autograd.Function):
             dg = torch.zeros_like(gram)
         if dzv is None:
             dzv = torch.zeros_like(w)
-        fn = _GramZvGrad if torch.compiler.is_compiling() else _GramZvGradFwd
-        grad: Tensor = call_function(fn, dg, dzv, z, w)
+        grad: Tensor = call_function(_GramZvGrad, dg, dzv, z, w)
         return grad, None, None, None, None, None
-
-
-class _GramZvFwd(_GramZv):
-    """:class:`_GramZv` with forward-mode AD (``jvp``) for eager code."""
-
-    @staticmethod
-    def jvp(ctx: Any, dz: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        z, w, gram = ctx.saved_tensors
-        a = _to(_mm(dz, z.mT), gram.dtype)
-        dg = a + a.mT
-        dg2 = dg @ gram + gram @ dg if ctx.squared else gram.new_empty(0)
-        dzv = _to(dz @ (z.mT @ _to(w, z.dtype)), gram.dtype)
-        if not vmap_innermost():
-            return dg, dg2, dzv, None, None, None
-        zero = torch.zeros_like(w)
-        return dg, dg2, dzv, zero, zero, zero[..., :1, :]
 
 
 class _GramZvGrad(torch.autograd.Function):
@@ -448,7 +462,6 @@ class _GramZvGrad(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         dg, _, z, w = inputs
         ctx.save_for_backward(dg, z, w)
-        ctx.save_for_forward(dg, z, w)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
@@ -457,24 +470,34 @@ class _GramZvGrad(torch.autograd.Function):
         return a + a.mT, a @ w, _mm(_to(dg + dg.mT, z.dtype), dout), None
 
 
-class _GramZvGradFwd(_GramZvGrad):
-    """:class:`_GramZvGrad` with forward-mode AD (``jvp``) for eager code."""
-
-    @staticmethod
-    def jvp(ctx: Any, ddg: Tensor, ddzv: Tensor, dz: Tensor, dw: Tensor | None) -> Tensor:
-        dg, z, w = ctx.saved_tensors
-        pd = z.dtype
-        return _mm(_to(ddg + ddg.mT + ddzv @ w.mT, pd), z) + _mm(_to(dg + dg.mT, pd), dz)
-
-
 def _gram_zv(
     z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fn = _GramZv if torch.compiler.is_compiling() else _GramZvFwd
+    if not torch.compiler.is_compiling() and _forward_mode():
+        return _gram_zv_plain(z, u, fallback, iterations, power, squared)
     out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = call_function(
-        fn, z, u, fallback, iterations, power, squared
+        _GramZv, z, u, fallback, iterations, power, squared
     )
     return out
+
+
+def _gram_zv_plain(
+    z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_gram_zv` by differentiable ops (forward mode): the same values, bit for bit.
+
+    ``Z v`` is ``G w`` with ``v = Z^T w`` constant: its value is
+    :func:`_iterate`'s, its derivative that of ``Z v``.
+    """
+    gram = _to(_mm(z, z.mT), u.dtype)
+    g2 = _mm_in(gram, gram, z.dtype) if squared else gram.new_empty(0)
+    with torch.no_grad():  # detach: no tangent reaches the state (forward mode)
+        gd = gram.detach()
+        g2d = g2.detach() if squared else _mm_in(gd, gd, z.dtype) if power >= 2 else g2
+        u, w, zv0, floor = _iterate(gd, g2d, z.dtype, u, fallback, iterations, power)
+        v = _mm(z.detach().mT, _to(w, z.dtype))
+    zv = _to(_mm(z, v), u.dtype)
+    return gram, g2, zv - zv.detach() + zv0, u, w, floor
 
 
 class _ScaledMm(torch.autograd.Function):
@@ -488,8 +511,7 @@ class _ScaledMm(torch.autograd.Function):
     ``matmul_dtype`` option): the products run in ``Z``'s dtype, ``P``, ``s``
     and their gradients stay in the compute dtype. The backward is made of
     differentiable ops, so grad-of-grad works; ``vmap`` uses the generated
-    rule. Compiled code uses this class, eager code :class:`_ScaledMmFwd`
-    (with a ``jvp``), as for :class:`_GramZv`.
+    rule; forward mode runs the plain product instead, as for :class:`_GramZv`.
     """
 
     generate_vmap_rule = True
@@ -501,7 +523,6 @@ class _ScaledMm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -520,26 +541,11 @@ class _ScaledMm(torch.autograd.Function):
         return dp, ds, dz
 
 
-class _ScaledMmFwd(_ScaledMm):
-    """:class:`_ScaledMm` with forward-mode AD (``jvp``) for eager code."""
-
-    @staticmethod
-    def jvp(ctx: Any, dp: Tensor | None, ds: Tensor | None, dz: Tensor | None) -> Tensor:
-        p, s, z = ctx.saved_tensors
-        dps = None if dp is None else dp * s
-        if ds is not None:
-            dps = p * ds if dps is None else torch.addcmul(dps, p, ds)
-        out = None if dps is None else _mm(_to(dps, z.dtype), z)
-        if dz is not None:
-            t = _mm(_to(p * s, z.dtype), dz)
-            out = t if out is None else out + t
-        return _to(out if out is not None else torch.zeros_like(z), p.dtype)
-
-
 def _scaled_mm(p: Tensor, s: Tensor, z: Tensor) -> Tensor:
     """``(p * s) @ z`` in ``z``'s dtype, the result in ``p``'s, keeping only ``p``, ``s``, ``z``."""
-    fn = _ScaledMm if torch.compiler.is_compiling() else _ScaledMmFwd
-    h: Tensor = call_function(fn, p, s, z)
+    if not torch.compiler.is_compiling() and _forward_mode():
+        return _to(_mm(_to(p * s, z.dtype), z), p.dtype)
+    h: Tensor = call_function(_ScaledMm, p, s, z)
     return h
 
 
