@@ -492,7 +492,7 @@ def _gram_zv_plain(
     gram = _to(_mm(z, z.mT), u.dtype)
     g2 = _mm_in(gram, gram, z.dtype) if squared else gram.new_empty(0)
     with torch.no_grad():  # detach: no tangent reaches the state (forward mode)
-        gd = gram.detach()
+        u, fallback, gd = u.detach(), fallback.detach(), gram.detach()
         g2d = g2.detach() if squared else _mm_in(gd, gd, z.dtype) if power >= 2 else g2
         u, w, zv0, floor = _iterate(gd, g2d, z.dtype, u, fallback, iterations, power)
         v = _mm(z.detach().mT, _to(w, z.dtype))

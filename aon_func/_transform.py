@@ -427,7 +427,10 @@ class WeightTransform:
             return weights, {}
         if state is not None and not training:
             return weights, dict(state)
-        return weights, new_u
+        # The keys in the order of the given state (init's order when there is none), not the
+        # plan's: torch.compile guards on a dict's key order, so a new order would recompile.
+        order = state if state is not None else dict(plan.selected)
+        return weights, {n: new_u[n] for n in order}
 
     def functional_call(
         self,

@@ -377,3 +377,30 @@ def test_bf16_products_under_autocast_compile_once() -> None:
         _assert_one_graph(counter, graphs)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_step_whose_plan_reorders_the_matrices_compiles_once() -> None:
+    """Three layers that the plan runs in another order than init lists them: no recompile."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3))
+    tr = AON.for_module(net, order=2)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    state = tr.init(params, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 6)
+
+    def step(p: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[Any, Any]:
+        def loss(p: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            out, new = tr.functional_call(net, p, s, (x,))
+            return out.square().sum(), new
+
+        g, new = torch.func.grad(loss, has_aux=True)(p)
+        return {k: p[k] - 0.1 * g[k] for k in p}, new
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        p, s = params, state
+        for _ in range(3):
+            p_ref, s_ref = step(p, s)
+            p, s = compiled(p, s)
+            _close(p, p_ref, atol=1e-5, rtol=1e-4)
+            _close(s, s_ref, atol=1e-5, rtol=1e-4)

@@ -242,6 +242,21 @@ def test_second_derivatives_agree_in_every_mode(order: int) -> None:
     assert torch.equal(primal, f(w))  # the plain ops give the same values, bit for bit
 
 
+@pytest.mark.parametrize("iterations", [0, 1])
+def test_the_state_is_a_constant_in_forward_mode_as_in_reverse(iterations: int) -> None:
+    """A tangent on ``u`` (jacfwd with respect to the state) reaches neither ``h`` nor ``u_new``."""
+    gen = torch.Generator().manual_seed(14)
+    w = torch.randn(4, 6, generator=gen, dtype=F64)
+    u = unit(4, 15)
+
+    def f(v: Tensor) -> tuple[Tensor, Tensor]:
+        return aon(w, v, order=2, n_power_iterations=iterations)
+
+    for jac in (torch.func.jacfwd(f)(u), torch.func.jacrev(f)(u)):
+        for j in jac:
+            assert torch.equal(j, torch.zeros_like(j))
+
+
 # ----------------------------------------------------------------------------- gradcheck
 
 

@@ -401,3 +401,17 @@ def test_a_layer_with_no_outputs_or_no_inputs(tr: aon_func.WeightTransform) -> N
             assert state[name].shape == new[name].shape == (0,)
     aon_func.parametrize(net, transform=tr)
     assert net(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_new_state_keeps_the_order_of_the_given_state() -> None:
+    """The plan runs 8x8 before 3x8 here; the state comes back in init's order all the same
+    (``torch.compile`` guards on a dict's key order: another order would recompile)."""
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    tr = AON.for_module(net, order=2)
+    state = tr.init(params)
+    _, new = tr.apply(params, state)
+    assert list(new) == list(state)
+    reordered = dict(reversed(list(state.items())))
+    assert list(tr.apply(params, reordered)[1]) == list(reordered)
+    assert list(tr.apply(params, None)[1]) == list(state)

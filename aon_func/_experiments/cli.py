@@ -24,9 +24,11 @@ is run on seeds 0..N-1. ``compare`` then tests every method against
 ``--out`` is never overwritten: without ``--resume``, a folder that already
 holds results (``results.json``, ``config.json`` or ``runs/``) is left alone
 and the new results go beside it, into the first free ``OUT-2``, ``OUT-3``...
-(the command says so). With ``--resume`` the given folder is continued, for
-the number of epochs it was started with; ``--extend`` trains it on to a
-larger ``--epochs`` and first moves its results into ``OUT/epochs-N/``.
+(the command says so). With ``--resume`` the given folder is continued, with
+the options and the number of epochs it was started with (its
+``config.json``; more methods and seeds are fine, anything else is refused
+before a file is written); ``--extend`` trains it on to a larger
+``--epochs`` and first moves its results into ``OUT/epochs-N/``.
 
 Everything that can be checked without data (options, ``--out``, the model
 against the data set's shape, ``--resume`` against the folder) is checked
