@@ -194,6 +194,17 @@ def _files(folder: Path) -> dict[Path, bytes]:
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def _refused(out: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``argv`` on ``out``: exit status 2, one line on stderr (returned), no file changed."""
+    before = _files(out)
+    rc = main([*SHORT, *argv, "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1, err
+    assert _files(out) == before
+    return err
+
+
 @pytest.mark.parametrize(
     ("epochs", "message"),
     [
@@ -211,14 +222,9 @@ def test_resume_with_other_epochs_is_refused_before_any_data(
 ) -> None:
     out = tmp_path / "out"
     shutil.copytree(finished, out)
-    before = _files(out)
-    rc = main([*SHORT, "--epochs", epochs, "--out", str(out), "--resume"])
-    err = capsys.readouterr().err
-    assert rc == 2
+    err = _refused(out, ["--epochs", epochs], capsys)
     assert err.startswith(f"aon-func: error: --resume --epochs {epochs}: {out} ")
     assert message in err
-    assert err.count("\n") == 1
-    assert _files(out) == before
 
 
 @pytest.fixture(scope="module")
@@ -247,14 +253,9 @@ def test_resume_with_fewer_runs_than_the_folder_is_refused_before_any_data(
     """A subset would rewrite the folder's results.json without the other runs."""
     out = tmp_path / "out"
     shutil.copytree(finished_two_seeds, out)
-    before = _files(out)
-    rc = main([*SHORT, "--epochs", "2", "--out", str(out), "--resume", *argv])
-    err = capsys.readouterr().err
-    assert rc == 2
+    err = _refused(out, ["--epochs", "2", *argv], capsys)
     assert err.startswith(f"aon-func: error: --resume: {out} holds ")
     assert message in err
-    assert err.count("\n") == 1
-    assert _files(out) == before
 
 
 def test_extend_trains_on_and_keeps_the_earlier_results(
@@ -309,14 +310,9 @@ def test_resume_with_other_options_is_refused_before_anything_is_written(
     """Mixing two configurations in one folder would misreport both; config.json stays as it was."""
     out = tmp_path / "out"
     shutil.copytree(finished, out)
-    before = _files(out)
-    rc = main([*SHORT, "--out", str(out), "--resume", *argv])
-    err = capsys.readouterr().err
-    assert rc == 2
+    err = _refused(out, argv, capsys)
     assert err.startswith(f"aon-func: error: --resume: {out} was started with other options (")
     assert message in err
-    assert err.count("\n") == 1
-    assert _files(out) == before
 
 
 @pytest.mark.parametrize("damage", ["missing", "not a dict", "not json"])
@@ -331,12 +327,7 @@ def test_resume_without_a_readable_config_is_refused(
         config.unlink()
     else:
         config.write_text("[1]\n" if damage == "not a dict" else "{not json\n")
-    before = _files(out)
-    rc = main([*SHORT, "--epochs", "3", "--out", str(out), "--resume"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "config.json is missing or unreadable" in err
-    assert _files(out) == before
+    assert "config.json is missing or unreadable" in _refused(out, ["--epochs", "3"], capsys)
 
 
 def test_out_dot_with_results_goes_beside_it(
