@@ -194,9 +194,9 @@ def power_iterate(m: Tensor, u: Tensor, steps: int, fro: Tensor | None = None) -
     norm ``fro`` (computed when not given), so ``|M u| <= |u|`` and nothing
     overflows (on the CPU, for ``k >= 512``, each product is divided
     instead: the same bound without a pass over ``M``); the iterate is
-    rescaled every few steps, so nothing underflows. Returns the unit result, or ``u`` itself where the iterate
-    vanished or is not finite (zero or NaN weights: a bad step does not
-    poison the state). AON runs it on a power of the Gram ``Z Z^T``
+    rescaled every few steps, so nothing underflows. Returns the unit
+    result, or ``u`` itself where the iterate vanished or is not finite (zero
+    or NaN weights: a bad step does not poison the state). AON runs it on a power of the Gram ``Z Z^T``
     (:func:`aon_matrix`, ``AON.init``), SRIP on ``Z Z^T - I``.
     """
     if steps == 0:
@@ -336,20 +336,14 @@ def _gram_state(
     gram = _to(_mm(z, z.mT), u.dtype)
     with torch.no_grad():
         g2 = _mm_in(gram, gram, z.dtype) if squared or power >= 2 else gram.new_empty(0)
-        u, w, zv, floor = _iterate(gram, g2, z.dtype, u, fallback, iterations, power)
+        u, w, zv, floor = _iterate(gram, g2, u, fallback, iterations, power)
     return gram, g2, zv, u, w, floor
 
 
 def _iterate(
-    gram: Tensor,
-    g2: Tensor,
-    pd: torch.dtype,
-    u: Tensor,
-    fallback: Tensor,
-    iterations: int,
-    power: int,
+    gram: Tensor, g2: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(u, w, Z v, floor)`` from the Gram (no gradient; ``pd`` the product dtype).
+    """``(u, w, Z v, floor)`` from the Gram ``G`` and ``g2`` (``G^2`` or empty; no gradient).
 
     The state after ``iterations`` Gram steps (run as ``iterations / power``
     steps on ``G^power``); ``w = u / |Z^T u|``; ``Z v = G w`` with
@@ -471,9 +465,16 @@ class _GramZvGrad(torch.autograd.Function):
 
 
 def _gram_zv(
-    z: Tensor, u: Tensor, fallback: Tensor, iterations: int, power: int, squared: bool
+    z: Tensor,
+    u: Tensor,
+    fallback: Tensor,
+    iterations: int,
+    power: int,
+    squared: bool,
+    plain: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if not torch.compiler.is_compiling() and _forward_mode():
+    """:class:`_GramZv`, or with ``plain`` (forward mode) :func:`_gram_zv_plain`."""
+    if plain:
         return _gram_zv_plain(z, u, fallback, iterations, power, squared)
     out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = call_function(
         _GramZv, z, u, fallback, iterations, power, squared
@@ -494,7 +495,7 @@ def _gram_zv_plain(
     with torch.no_grad():  # detach: no tangent reaches the state (forward mode)
         u, fallback, gd = u.detach(), fallback.detach(), gram.detach()
         g2d = g2.detach() if squared else _mm_in(gd, gd, z.dtype) if power >= 2 else g2
-        u, w, zv0, floor = _iterate(gd, g2d, z.dtype, u, fallback, iterations, power)
+        u, w, zv0, floor = _iterate(gd, g2d, u, fallback, iterations, power)
         v = _mm(z.detach().mT, _to(w, z.dtype))
     zv = _to(_mm(z, v), u.dtype)
     return gram, g2, zv - zv.detach() + zv0, u, w, floor
@@ -541,9 +542,12 @@ class _ScaledMm(torch.autograd.Function):
         return dp, ds, dz
 
 
-def _scaled_mm(p: Tensor, s: Tensor, z: Tensor) -> Tensor:
-    """``(p * s) @ z`` in ``z``'s dtype, the result in ``p``'s, keeping only ``p``, ``s``, ``z``."""
-    if not torch.compiler.is_compiling() and _forward_mode():
+def _scaled_mm(p: Tensor, s: Tensor, z: Tensor, plain: bool) -> Tensor:
+    """``(p * s) @ z`` in ``z``'s dtype, the result in ``p``'s, keeping only ``p``, ``s``, ``z``.
+
+    ``plain`` (forward mode): the same product by plain autograd, which keeps ``p * s`` too.
+    """
+    if plain:
         return _to(_mm(_to(p * s, z.dtype), z), p.dtype)
     h: Tensor = call_function(_ScaledMm, p, s, z)
     return h
@@ -712,7 +716,9 @@ def _aon_products(
     fused = zs.device.type == "cpu" and pd == zs.dtype and order >= 2
     power = 1 if fused else _gram_power(zs.device, order, iterations)
     squared = order >= 2 and not fused
-    gram, g2, zv, u_new, _, floor = _gram_zv(zp, ucol, fb, iterations, power, squared)
+    # Forward mode takes plain differentiable ops (decided once per call: host time).
+    plain = not torch.compiler.is_compiling() and _forward_mode()
+    gram, g2, zv, u_new, _, floor = _gram_zv(zp, ucol, fb, iterations, power, squared, plain)
     ut = u_new.mT
     # sigma = u^T Z v = |Z^T u|, differentiable with u, v constant; never below the floor.
     inv_sigma = torch.clamp(_mm(ut, zv), min=floor).reciprocal()
@@ -722,7 +728,7 @@ def _aon_products(
     sigma_hat = (_mm(_mm(ut, p), zv) * inv_sigma).clamp_min(SIGMA_HAT_FLOOR / a)
     scale = inv_sigma / sigma_hat if gain is None else inv_sigma * gain / sigma_hat
     # Scale the k x k factor, not the k x N product; autograd keeps P, not P * scale.
-    h = _scaled_mm(p, scale, zp)
+    h = _scaled_mm(p, scale, zp, plain)
     return h, u_new.squeeze(-1)
 
 

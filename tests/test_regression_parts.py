@@ -26,9 +26,9 @@ def test_replacements_change_the_kernel_and_are_undone(monkeypatch: pytest.Monke
     calls = []
     plain = regression_parts._plain_scaled_mm
 
-    def counted(p: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def counted(p: torch.Tensor, s: torch.Tensor, z: torch.Tensor, forward: bool) -> torch.Tensor:
         calls.append(p.shape)
-        return plain(p, s, z)
+        return plain(p, s, z, forward)
 
     monkeypatch.setattr(regression_parts, "_plain_scaled_mm", counted)
     saved = (kernel.gram_iterations, kernel._scaled_mm)
